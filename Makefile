@@ -1,0 +1,85 @@
+# DAS Explorer: `make run` opens the app, `make test` runs every test. Both set up
+# whatever is missing first (virtual environment, requirements, Fashion-MNIST, Chromium),
+# and take seconds when nothing changed.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+DEMO := assets/demo/fashion-mnist-das.safetensors
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+# Two cores here and in CI: keep torch/BLAS/numba threads x processes at 2.
+THREADS := OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2
+APT := DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0
+
+.PHONY: run test setup setup-dev data browser demo-model check bench bench-quick bench-das lint clean help
+
+help:
+	@echo "make run        set up if needed, then open the app on the embedded demo model"
+	@echo "make test       set up if needed, then run static checks and the whole test suite"
+	@echo "make demo-model retrain the embedded demo checkpoints (same seed, same result)"
+	@echo "make bench      scale/speed benchmarks (bench/), results in bench/results/"
+	@echo "make bench-das  the DAS benchmark on the embedded split (baseline vs + DAS, 3 seeds)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(RUNTIME_STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+$(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+setup: $(RUNTIME_STAMP) data
+setup-dev: $(DEV_STAMP) data browser
+
+# Fashion-MNIST from Debian's package where we can install it (root + apt); otherwise the
+# library says so and falls back to scikit-learn's bundled digits.
+data:
+	@if ls $(FASHION_DIR)/train-images-idx3-ubyte* >/dev/null 2>&1 || ls data/fashion-mnist/train-images-idx3-ubyte* >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  $(APT) install dataset-fashion-mnist >/dev/null 2>&1 || { $(APT) update >/dev/null 2>&1; $(APT) install dataset-fashion-mnist >/dev/null 2>&1; } \
+	  || echo "warning: could not install dataset-fashion-mnist; DAS Explorer will fall back to digits"; \
+	else echo "note: Fashion-MNIST is not installed (as root: apt-get install dataset-fashion-mnist); falling back to digits"; fi
+
+# Headless Chromium for the browser tests, from Debian (never `playwright install`).
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Chromium (Debian packages chromium, chromium-driver) for the browser tests"; \
+	  $(APT) install chromium chromium-driver >/dev/null 2>&1 || { $(APT) update >/dev/null 2>&1; $(APT) install chromium chromium-driver >/dev/null 2>&1; } \
+	  || echo "warning: could not install chromium; browser tests will be skipped"; \
+	else echo "note: chromium is not installed; browser tests will be skipped"; fi
+
+$(DEMO): | $(RUNTIME_STAMP)
+	$(MAKE) demo-model
+
+demo-model: $(RUNTIME_STAMP) data
+	$(THREADS) $(PY) -m das_core demo build
+
+run: $(RUNTIME_STAMP) data $(DEMO)
+	$(THREADS) $(PY) -m streamlit run streamlit_app.py
+
+check: $(DEV_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy das_core
+
+test: setup-dev $(DEMO)
+	$(MAKE) --no-print-directory check
+	$(THREADS) $(PY) -m pytest
+
+bench: setup-dev
+	$(THREADS) $(PY) bench/run_all.py
+
+bench-quick: setup-dev
+	$(THREADS) $(PY) bench/run_all.py --quick
+
+bench-das: setup-dev
+	$(THREADS) $(PY) bench/bench_das_training.py
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache tests/artifacts

@@ -1,0 +1,3 @@
+from das_core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""``python -m das_core``: train, evaluate, inspect checkpoints, fetch datasets.
+
+The ``train`` flags are generated from ``das_core.config.TrainConfig``: one declaration per
+option serves the flags, the YAML config file and the app's Train form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from das_core.config import ConfigError, TrainConfig, load_config_file
+
+# Short aliases for the paper's symbols.
+ALIASES = {
+    "das_num_produce": ["-T"],
+    "das_topk": ["-K"],
+    "das_bank_size": ["-Z"],
+}
+
+
+def _optional(conv: Any) -> Any:
+    def parse(text: str) -> Any:
+        if text.lower() in ("none", "null", ""):
+            return None
+        return conv(text)
+
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field; unset flags are absent from the namespace (so that
+    a ``--config`` file's values are only overridden by flags actually given)."""
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        rule = TrainConfig.rule(f.name)
+        group = groups.setdefault(rule.group, parser.add_argument_group(f"{rule.group} options"))
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, *ALIASES.get(f.name, [])]
+        default = getattr(defaults, f.name)
+        help_text = f"{rule.help} (default: {default})"
+        hint = hints[f.name]
+        optional = type(None) in typing.get_args(hint)
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        if base is bool:
+            group.add_argument(
+                *names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+            continue
+        conv: Any = {int: int, float: float, str: str}[base]
+        group.add_argument(
+            *names,
+            dest=f.name,
+            type=_optional(conv) if optional else conv,
+            choices=rule.choices,
+            default=argparse.SUPPRESS,
+            metavar=rule.metavar or (None if rule.choices else f.name.upper()),
+            help=help_text,
+        )
+    das_group = groups["das"]
+    das_group.add_argument(
+        "--dfs-only", dest="das_mode", action="store_const", const="dfs", default=argparse.SUPPRESS, help="DAS with scaling only (ablation)"
+    )
+    das_group.add_argument(
+        "--mts-only", dest="das_mode", action="store_const", const="mts", default=argparse.SUPPRESS, help="DAS with shifting only (ablation)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m das_core",
+        description="DAS Explorer: Densely-Anchored Sampling for deep metric learning.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser(
+        "train",
+        help="train an embedding model",
+        description="Train an embedding model. Values come from the defaults, then --preset, then --config "
+        "FILE (YAML), then the flags given.",
+    )
+    tr.add_argument("--config", dest="config_file", default=None, help="YAML file of options (flags override it)")
+    tr.add_argument("--preset", default=None, help="start from a named preset (see `python -m das_core presets`)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar (plain log lines only)")
+    tr.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then stop")
+    add_config_flags(tr)
+
+    ev = sub.add_parser("evaluate", help="print the metrics of a checkpoint on its dataset")
+    ev.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.add_argument("--data-root", default=None, help="dataset folder, if not where the run found it")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    info = sub.add_parser("info", help="show a checkpoint's metadata")
+    info.add_argument("checkpoint")
+
+    sub.add_parser("presets", help="list the training presets")
+
+    data = sub.add_parser("data", help="locate or download datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    chk = dsub.add_parser("check", help="say where a dataset is found and how big its splits are")
+    chk.add_argument("name")
+    chk.add_argument("--root", default=None)
+    dl = dsub.add_parser("download", help="download and extract a dataset")
+    dl.add_argument("name")
+    dl.add_argument("--root", default=None, help="target folder (default: data/)")
+    return parser
+
+
+def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
+    from das_core.presets import get_preset
+
+    values: dict[str, Any] = {}
+    if args.preset:
+        values.update(get_preset(args.preset).values)
+    if args.config_file:
+        values.update(load_config_file(args.config_file))
+    names = set(TrainConfig.field_names())
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_mapping(values)
+
+
+def _print_table(rows: dict[str, dict[str, float]]) -> None:
+    keys = list(next(iter(rows.values())).keys())
+    print("split  " + "  ".join(f"{k:>7}" for k in keys))
+    for split, m in rows.items():
+        print(f"{split:<6} " + "  ".join(f"{100 * m[k]:7.2f}" for k in keys))
+    print("(percent)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from das_core.training import resolve_resume_config, train
+
+    if args.resume:
+        out = getattr(args, "out", None)
+        if not out:
+            raise ConfigError("out", None, "--resume needs --out RUN_FOLDER (the run to continue)")
+        from pathlib import Path
+
+        names = set(TrainConfig.field_names()) - {"out"}
+        overrides = {k: v for k, v in vars(args).items() if k in names}
+        cfg = resolve_resume_config(Path(out), overrides)
+    else:
+        cfg = resolve_train_config(args)
+    if args.dry_run:
+        print(json.dumps(cfg.grouped(), indent=2))
+        return 0
+    result = train(cfg, resume=args.resume, show_progress=False if args.no_progress else None)
+    print(f"run folder: {result.out_dir}")
+    last = result.last
+    rows = {s: last[s] for s in ("val", "test") if s in last}
+    if rows:
+        _print_table(rows)
+    if result.selected_epoch is not None:
+        print(f"selected epoch (best validation {cfg.select_metric}): {result.selected_epoch} -> best.safetensors")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from das_core.checkpoint import load_checkpoint
+    from das_core.embed import resolve_device
+    from das_core.evaluation import evaluate_embeddings
+    from das_core.training import load_splits_for
+
+    ckpt = load_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    model = ckpt.build_model(device)
+    splits = load_splits_for(ckpt.config, args.data_root)
+    from das_core.embed import embed_dataset
+
+    emb, labels = embed_dataset(model, splits.get(args.split), batch_size=args.batch_size, device=device)
+    metrics = evaluate_embeddings(emb, labels)
+    if args.json:
+        print(json.dumps({"checkpoint": str(ckpt.path), "split": args.split, **metrics}, indent=2))
+    else:
+        print(f"{ckpt.path}  ({ckpt.dataset}, {args.split} split: {len(labels)} images, {len(set(labels.tolist()))} classes)")
+        _print_table({args.split: metrics})
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from das_core.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    print(json.dumps({**ckpt.summary(), "metrics": ckpt.metrics, "config": ckpt.config.to_dict()}, indent=2))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from das_core.presets import PRESETS
+
+    for name, preset in PRESETS.items():
+        print(f"{name:<24} {preset.description}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from das_core.data import load_splits
+
+    if args.data_command == "download":
+        from pathlib import Path
+
+        from das_core.data.download import download_dataset
+
+        path = download_dataset(args.name, Path(args.root) if args.root else None)
+        print(f"{args.name} is ready in {path}")
+        return 0
+    splits = load_splits(args.name, args.root)
+    for note in splits.notes:
+        print(f"note: {note}")
+    print(f"{splits.name}: found in {splits.source}")
+    for name in splits.available():
+        ds = splits.get(name)
+        print(f"  {name:<5} {len(ds):>7} images  {ds.num_classes:>6} classes")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "info": cmd_info,
+    "presets": cmd_presets,
+    "data": cmd_data,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    from das_core.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last finished epoch's checkpoint is kept", file=sys.stderr)
+        return 130

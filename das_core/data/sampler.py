@@ -1,0 +1,82 @@
+"""M-per-class batch sampling: every batch is ``classes x samples_per_class`` images.
+
+Written here rather than taken from pytorch-metric-learning's ``MPerClassSampler`` because
+that one draws from the global RNG and cannot be re-seeded per epoch, which exact
+``--resume`` (same batches after a restart) needs; it also yields a flat index stream
+rather than batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from das_core.data.base import DatasetError
+
+
+class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields ``num_batches`` batches of ``batch_size`` indices: ``batch_size // m`` distinct
+    classes drawn at random, ``m`` images of each (without replacement when the class has
+    at least ``m`` images, with replacement otherwise).
+
+    The batches of epoch ``e`` depend only on ``(seed, e)``: call ``set_epoch(e)``.
+    """
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        batch_size: int,
+        samples_per_class: int,
+        *,
+        num_batches: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if samples_per_class < 1:
+            raise DatasetError(f"samples_per_class must be >= 1, got {samples_per_class}")
+        if batch_size % samples_per_class:
+            raise DatasetError(
+                f"batch_size={batch_size} is not a multiple of samples_per_class={samples_per_class}: "
+                f"a batch is classes x samples per class (try {batch_size - batch_size % samples_per_class})"
+            )
+        self.classes = np.unique(labels)
+        n_classes = batch_size // samples_per_class
+        if n_classes < 2:
+            raise DatasetError(
+                f"batch_size={batch_size} with samples_per_class={samples_per_class} gives one class per "
+                f"batch, so no pair has a negative; use batch_size >= {2 * samples_per_class}"
+            )
+        if n_classes > len(self.classes):
+            raise DatasetError(
+                f"a batch of {batch_size} with {samples_per_class} samples per class needs {n_classes} "
+                f"classes, but the training split has only {len(self.classes)}; raise --samples-per-class "
+                f"to at least {-(-batch_size // len(self.classes))} or lower --batch-size to at most "
+                f"{len(self.classes) * samples_per_class}"
+            )
+        self.labels = labels
+        self.batch_size = batch_size
+        self.m = samples_per_class
+        self.classes_per_batch = n_classes
+        self.members = [np.flatnonzero(labels == c) for c in self.classes]
+        self.num_batches = num_batches if num_batches is not None else max(1, len(labels) // batch_size)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for _ in range(self.num_batches):
+            chosen = rng.choice(len(self.classes), size=self.classes_per_batch, replace=False)
+            batch: list[int] = []
+            for c in chosen:
+                pool = self.members[c]
+                pick = rng.choice(pool, size=self.m, replace=len(pool) < self.m)
+                batch.extend(int(i) for i in pick)
+            yield batch

@@ -1,0 +1,48 @@
+"""Embedding networks: backbone + linear embedding layer + L2 normalisation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from das_core.models.backbones import Backbone, ModelError, build_backbone
+from das_core.models.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from das_core.config import TrainConfig
+
+BACKBONE_NAMES = ("small-cnn", "resnet50", "efficientnet-lite0")
+
+
+class EmbeddingNet(nn.Module):
+    """``x -> normalize(W · backbone(x) + b)``: unit-length embeddings of ``embedding_dim``."""
+
+    def __init__(self, backbone: Backbone, embedding_dim: int, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.embed = nn.Linear(backbone.out_features, embedding_dim)
+        self.embedding_dim = embedding_dim
+        self.preprocessing = preprocessing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.embed(self.backbone(x))
+        return F.normalize(e.float(), dim=-1)
+
+
+def build_model(cfg: TrainConfig, *, pretrained: bool | None = None) -> EmbeddingNet:
+    """The embedding network of ``cfg`` (``pretrained`` overrides ``cfg.pretrained``: loading a
+    checkpoint needs no ImageNet weights, they are overwritten anyway)."""
+    backbone = build_backbone(
+        cfg.backbone,
+        pretrained=cfg.pretrained if pretrained is None else pretrained,
+        freeze_bn=cfg.freeze_bn,
+        pooling=cfg.pooling,
+    )
+    prep = backbone.preprocessing.with_size(cfg.image_size)
+    return EmbeddingNet(backbone, cfg.embedding_dim, prep)
+
+
+__all__ = ["BACKBONE_NAMES", "Backbone", "EmbeddingNet", "ModelError", "Preprocessing", "build_backbone", "build_model"]

@@ -1,0 +1,428 @@
+"""The training loop: data -> model -> (DAS -> miner -> loss) -> optimiser, with per-epoch
+evaluation on the validation and test classes, crash-safe checkpoints and exact resume.
+
+Determinism: every epoch re-seeds torch's RNG from ``(seed, epoch)`` and the batch sampler
+draws from ``(seed, epoch)``, so an epoch's batches, augmentations, DAS draws and mined
+tuples depend only on the state at its start. ``--resume`` restarts from the last finished
+epoch's model, criterion (DAS buffers, proxies, PDDM) and optimiser state and therefore
+ends with the same metrics as an uninterrupted run on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from das_core.checkpoint import save_checkpoint
+from das_core.config import TrainConfig, dump_config, load_config_file
+from das_core.data import DatasetSplits, DMLDataset, MPerClassBatchSampler, load_splits
+from das_core.embed import auto_workers, embed_dataset, resolve_device
+from das_core.io import append_jsonl, atomic_write, atomic_write_json, read_jsonl, truncate_jsonl
+from das_core.losses import Criterion, build_criterion
+from das_core.models import EmbeddingNet, build_model
+
+log = logging.getLogger("das_core.train")
+
+TRAIN_STATE = "train_state.safetensors"
+METRICS = "metrics.jsonl"
+PROGRESS = "progress.json"
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or had to stop; the message says why and what was kept."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    last: dict[str, Any]
+    selected_epoch: int | None
+    history: list[dict[str, Any]]
+
+
+EventHook = Callable[[dict[str, Any]], None]
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    from das_core.runs import default_runs_root
+
+    tag = f"{cfg.dataset}-{cfg.loss}{'-das' if cfg.das else ''}-s{cfg.seed}"
+    return default_runs_root() / f"{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _check_output_dir(out: Path, need_bytes: int) -> None:
+    """Fail before any work when the run folder cannot be written or the disk is full."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"cannot write to the run folder {out}: {exc.strerror or exc}; choose another --out") from exc
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise TrainingError(
+            f"only {free / 1e6:.0f} MB free on the disk of {out}, a run needs about {need_bytes / 1e6:.0f} MB "
+            "(checkpoints and logs); free some space or choose another --out"
+        )
+
+
+def _optimizer(cfg: TrainConfig, model: EmbeddingNet, criterion: Criterion) -> torch.optim.Optimizer:
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "name": "model"}
+    ]
+    groups += criterion.param_groups(cfg)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9, nesterov=True)
+
+
+# -- train state (optimiser etc.) in safetensors: no pickles even for our own resume files -------
+
+
+def _save_train_state(
+    path: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, info: dict[str, Any]
+) -> None:
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    meta = {
+        "param_groups": json.dumps(sd["param_groups"]),
+        "scalars": json.dumps(scalars),
+        "scaler": json.dumps(scaler.state_dict() if scaler is not None else None),
+        "info": json.dumps(info),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def _load_train_state(
+    path: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    state: dict[int, dict[str, Any]] = {}
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        for key in fh.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = fh.get_tensor(key)
+    for pid, values in json.loads(meta["scalars"]).items():
+        state.setdefault(int(pid), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    scaler_state = json.loads(meta["scaler"])
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
+    info: dict[str, Any] = json.loads(meta["info"])
+    return info
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+def evaluate_split(
+    model: EmbeddingNet,
+    dataset: DMLDataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    from das_core.evaluation import evaluate_embeddings
+
+    emb, labels = embed_dataset(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+    return evaluate_embeddings(emb, labels)
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def resolve_resume_config(out: Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The saved config of the run in ``out`` with ``overrides`` (e.g. more epochs) applied."""
+    saved = out / CONFIG
+    if not saved.is_file():
+        raise TrainingError(f"nothing to resume in {out}: it has no {CONFIG} (start a new run without --resume)")
+    base = TrainConfig.from_mapping(load_config_file(saved))
+    return base.replace(**overrides, out=str(out)) if overrides else base.replace(out=str(out))
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    show_progress: bool | None = None,
+    on_event: EventHook | None = None,
+) -> TrainResult:
+    """Train ``cfg`` into its run folder and return the metrics of every epoch."""
+    cfg.validate()
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    cfg = cfg.replace(out=str(out)) if cfg.out != str(out) else cfg
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    state_file = out / TRAIN_STATE
+    if resume and not state_file.is_file():
+        if (out / "last.safetensors").is_file():
+            raise TrainingError(f"{out} has a checkpoint but no {TRAIN_STATE}; it cannot be resumed exactly")
+        log.info("nothing finished yet in %s: starting from epoch 1", out)
+    if not resume and ((out / "last.safetensors").exists() or state_file.exists()):
+        raise TrainingError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out (nothing was changed)"
+        )
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    # Data first: a wrong layout or an impossible batch is refused before any model is built.
+    splits = load_splits(
+        cfg.dataset,
+        cfg.data_root,
+        train_classes=cfg.train_classes,
+        val_classes=cfg.val_classes,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )
+    for note in splits.notes:
+        log.warning(note)
+    if splits.name != cfg.dataset:
+        cfg = cfg.replace(dataset=splits.name)
+    num_workers = auto_workers(device, cfg.num_workers)
+    sampler = MPerClassBatchSampler(
+        splits.train.labels,
+        cfg.batch_size,
+        cfg.samples_per_class,
+        num_batches=cfg.steps_per_epoch,
+        seed=cfg.seed,
+    )
+
+    model = build_model(cfg).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = build_criterion(cfg, splits.train.num_classes).to(device)
+    optimizer = _optimizer(cfg, model, criterion)
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+
+    n_params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in criterion.parameters())
+    _check_output_dir(out, need_bytes=n_params * 4 * 6 + 20_000_000)
+
+    start_epoch = 1
+    best_value = -math.inf
+    selected_epoch: int | None = None
+    if resume and state_file.is_file():
+        from das_core.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(out / "last.safetensors")
+        model.load_state_dict(ckpt.state("model"))
+        criterion.load_state_dict(ckpt.state("criterion"))
+        info = _load_train_state(state_file, optimizer, scaler)
+        start_epoch = int(info["epoch"]) + 1
+        best_value = float(info.get("best_value", -math.inf))
+        selected_epoch = info.get("selected_epoch")
+        truncate_jsonl(out / METRICS, lambda r: int(r.get("epoch", 0)) < start_epoch)
+        log.info("resuming %s after epoch %d", out, start_epoch - 1)
+    elif not resume:
+        (out / METRICS).unlink(missing_ok=True)
+    dump_config(cfg, out / CONFIG)
+
+    train_ds = splits.train.with_transform(model.preprocessing.train_transform())
+    loader = torch.utils.data.DataLoader(
+        train_ds,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+    steps = len(sampler)
+    emit = on_event or (lambda event: None)
+    started = time.time()
+    history = read_jsonl(out / METRICS)
+    emit({"event": "start", "out": str(out), "device": str(device), "epochs": cfg.epochs, "steps": steps})
+    log.info(
+        "training %s on %s: %d train images / %d classes, %d steps per epoch, %d epochs, device %s",
+        cfg.loss,
+        splits.name,
+        len(splits.train),
+        splits.train.num_classes,
+        steps,
+        cfg.epochs,
+        device,
+    )
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        sampler.set_epoch(epoch)
+        model.train()
+        criterion.train()
+        loss_sum = torch.zeros((), device=device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        epoch_start = time.time()
+        last_report = 0.0
+        bar = _progress_bar(steps, epoch, cfg.epochs, show_progress)
+        for step, (x, y) in enumerate(loader, start=1):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if device.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                emb = model(x)
+            loss = criterion(emb.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            detached = loss.detach()
+            finite = torch.isfinite(detached)
+            bad_step = torch.where(~finite & (bad_step < 0), torch.tensor(step, device=device), bad_step)
+            loss_sum += torch.where(finite, detached, torch.zeros_like(detached))
+            now = time.time()
+            if now - last_report >= 1.0 or step == steps:
+                last_report = now
+                first_bad = int(bad_step)  # a host sync once a second, not every step
+                if first_bad >= 0:
+                    raise TrainingError(
+                        f"the loss became {float(loss):.4g} (not finite) at epoch {epoch}, step {first_bad}; "
+                        f"training stopped. The last good checkpoint is kept in {out} (epoch {epoch - 1}). "
+                        "Lower --lr, or check the data for broken images."
+                    )
+                mean_loss = float(loss_sum) / step
+                elapsed = now - epoch_start
+                eta = elapsed / step * (steps - step) + elapsed / step * steps * (cfg.epochs - epoch)
+                progress = {
+                    "state": "training",
+                    "epoch": epoch,
+                    "epochs": cfg.epochs,
+                    "step": step,
+                    "steps": steps,
+                    "loss": mean_loss,
+                    "elapsed": now - started,
+                    "eta": eta,
+                    "device": str(device),
+                    "updated": now,
+                }
+                atomic_write_json(out / PROGRESS, progress)
+                emit({"event": "step", **progress})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        train_loss = float(loss_sum) / max(1, steps)
+
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "time": time.time() - epoch_start}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            atomic_write_json(out / PROGRESS, {**_read_progress(out), "state": "evaluating", "updated": time.time()})
+            ekw = {"batch_size": cfg.eval_batch_size, "device": device, "num_workers": num_workers}
+            if splits.val is not None:
+                record["val"] = evaluate_split(model, splits.val, **ekw)
+            record["test"] = evaluate_split(model, splits.test, **ekw)
+        append_jsonl(out / METRICS, record)
+        history.append(record)
+        log.info("epoch %d/%d  %s", epoch, cfg.epochs, format_record(record))
+        emit({"event": "epoch", **record})
+
+        ckpt_kw: dict[str, Any] = {
+            "model": model,
+            "criterion": criterion,
+            "config": cfg,
+            "class_names": splits.train.class_names,
+            "dataset": splits.name,
+            "preprocessing": model.preprocessing,
+            "metrics": record,
+            "epoch": epoch,
+        }
+        save_checkpoint(out / "last.safetensors", **ckpt_kw)
+        if "val" in record and record["val"][cfg.select_metric] > best_value:
+            best_value = record["val"][cfg.select_metric]
+            selected_epoch = epoch
+            save_checkpoint(out / "best.safetensors", **ckpt_kw)
+        _save_train_state(
+            state_file,
+            optimizer,
+            scaler,
+            {"epoch": epoch, "best_value": best_value, "selected_epoch": selected_epoch},
+        )
+
+    last = history[-1] if history else {}
+    summary = {
+        "last_epoch": last.get("epoch"),
+        "last": last,
+        "select_metric": cfg.select_metric,
+        "selected_epoch": selected_epoch,
+        "selected": next((r for r in history if r.get("epoch") == selected_epoch), None),
+        "dataset": splits.name,
+        "device": str(device),
+        "seconds": time.time() - started,
+    }
+    atomic_write_json(out / SUMMARY, summary)
+    atomic_write_json(out / PROGRESS, {**_read_progress(out), "state": "done", "updated": time.time()})
+    emit({"event": "done", "out": str(out)})
+    return TrainResult(out_dir=out, last=last, selected_epoch=selected_epoch, history=history)
+
+
+def _read_progress(out: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out / PROGRESS).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _progress_bar(steps: int, epoch: int, epochs: int, show: bool) -> Any:
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
+
+
+def format_record(record: dict[str, Any]) -> str:
+    parts = [f"loss {record.get('train_loss', float('nan')):.4f}"]
+    for split in ("val", "test"):
+        m = record.get(split)
+        if m:
+            parts.append(f"{split} R@1 {m['R@1']:.4f} MAP@R {m['MAP@R']:.4f} NMI {m['NMI']:.4f}")
+    return "  ".join(parts)
+
+
+def load_splits_for(cfg: TrainConfig, data_root: str | None = None) -> DatasetSplits:
+    """The dataset splits a checkpoint's config was trained on (optionally from another folder)."""
+    return load_splits(
+        cfg.dataset,
+        data_root if data_root is not None else cfg.data_root,
+        train_classes=cfg.train_classes,
+        val_classes=cfg.val_classes,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )

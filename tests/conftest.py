@@ -1,0 +1,52 @@
+"""Shared test setup: two threads at most (this machine and CI have 2 cores), runs and
+caches in temporary folders, and one small trained digits run reused across tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("MKL_NUM_THREADS", "2")
+os.environ.setdefault("NUMBA_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs and the app's caches never touch the repository's runs/ or .cache/."""
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("DAS_RUNS_DIR", str(base / "runs"))
+    monkeypatch.setenv("DAS_CACHE_DIR", str(base / "cache"))
+
+
+QUICK_DIGITS = [
+    "--dataset", "digits",
+    "--backbone", "small-cnn",
+    "--embedding-dim", "32",
+    "--batch-size", "50",
+    "--samples-per-class", "10",
+    "--epochs", "1",
+    "--device", "cpu",
+    "--lr", "0.002",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch digits run with DAS and a validation split (seconds on CPU)."""
+    from das_core.cli import main
+
+    out = tmp_path_factory.mktemp("digits-run") / "run"
+    args = ["train", *QUICK_DIGITS, "--epochs", "2", "--das", "--val-fraction", "0.2", "--seed", "3", "--out", str(out)]
+    assert main(args) == 0
+    return out
