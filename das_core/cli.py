@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl = dsub.add_parser("download", help="download and extract a dataset")
     dl.add_argument("name")
     dl.add_argument("--root", default=None, help="target folder (default: data/)")
+    demo = sub.add_parser("demo", help="the embedded demo checkpoints")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True)
+    build = demo_sub.add_parser("build", help="retrain the demo checkpoints into assets/demo (make demo-model)")
+    build.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (testing only)")
+    demo_sub.add_parser("path", help="print the demo checkpoints' paths")
     return parser
 
 
@@ -228,7 +233,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from das_core.demo import available_demos, build_demo
+
+    if args.demo_command == "build":
+        for path in build_demo(epochs=args.epochs):
+            print(f"wrote {path}")
+        return 0
+    for path in available_demos():
+        print(path)
+    return 0
+
+
 COMMANDS = {
+    "demo": cmd_demo,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "info": cmd_info,

@@ -203,7 +203,13 @@ class Criterion(nn.Module):
         """Optimiser groups for the criterion's own parameters (proxies, margin beta: ``loss_lr``;
         the PDDM unit: ``pddm_lr``), each with its own learning rate."""
         groups: list[dict[str, Any]] = []
-        pddm_params = [p for n, p in self.named_parameters() if "unit." in n and p.requires_grad]
+        pddm_params: list[nn.Parameter] = []
+        if any(type(m).__name__ == "PDDMUnit" for m in self.modules()):
+            from das_core.pddm import PDDMUnit
+
+            for m in self.modules():
+                if isinstance(m, PDDMUnit):
+                    pddm_params += [p for p in m.parameters() if p.requires_grad]
         pddm_ids = {id(p) for p in pddm_params}
         loss_params = [p for p in self.parameters() if p.requires_grad and id(p) not in pddm_ids]
         if loss_params:
