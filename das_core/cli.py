@@ -116,12 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--root", default=None)
     dl = dsub.add_parser("download", help="download and extract a dataset")
     dl.add_argument("name")
-    dl.add_argument("--root", default=None, help="target folder (default: data/)")
+    dl.add_argument("--root", default=None, help="target folder (default: data/<name>)")
     demo = sub.add_parser("demo", help="the embedded demo checkpoints")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     build = demo_sub.add_parser("build", help="retrain the demo checkpoints into assets/demo (make demo-model)")
     build.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (testing only)")
     demo_sub.add_parser("path", help="print the demo checkpoints' paths")
+    from das_core.jobs import add_jobs_parser
+
+    add_jobs_parser(sub)
     return parser
 
 
@@ -166,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume, show_progress=False if args.no_progress else None)
     print(f"run folder: {result.out_dir}")
     last = result.last
-    rows = {s: last[s] for s in ("val", "test") if s in last}
+    rows: dict[str, dict[str, float]] = {s: last[s] for s in ("val", "test") if s in last}
     if rows:
         _print_table(rows)
     if result.selected_epoch is not None:
@@ -264,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
+    if args.command == "jobs":  # before das_core.errors: the long-lived queue worker never loads torch
+        from das_core.jobs import cmd_jobs
+
+        return cmd_jobs(args)
     from das_core.errors import USER_ERRORS
 
     try:

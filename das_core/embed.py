@@ -51,7 +51,11 @@ def embed_dataset(
     """``(embeddings float32 (N, d), labels int64 (N,))`` of ``dataset`` prepared with the
     model's own evaluation preprocessing. ``progress(done, total)`` is called per batch."""
     device = torch.device(device)
-    prep = getattr(model, "preprocessing")
+    from das_core.models.preprocessing import Preprocessing
+
+    prep = model.preprocessing
+    if not isinstance(prep, Preprocessing):
+        raise TypeError("embed_dataset needs a model with a .preprocessing (an EmbeddingNet)")
     ds = dataset.with_transform(prep.eval_transform())
     loader = torch.utils.data.DataLoader(
         ds,

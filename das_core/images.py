@@ -8,7 +8,9 @@ transparency composited onto a background.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -24,9 +26,46 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+log = logging.getLogger(__name__)
+
 
 class ImageError(ValueError):
     """The bytes are not an image this project can use; the message says why."""
+
+
+def _refuse_truncated() -> None:
+    """PIL's switch is process-wide: if other code turned on ``LOAD_TRUNCATED_IMAGES`` (a
+    common line in training scripts), truncated files would load silently, grey-filled.
+    Turn it back off (no lock: decoding in threads stays parallel)."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        log.warning(
+            "PIL's ImageFile.LOAD_TRUNCATED_IMAGES was set to True elsewhere; das_core.images sets it "
+            "back to False, since truncated images must be refused"
+        )
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 1_000_000 else f"{n / 1e6:.1f} MB"
+
+
+def _pixels(n: int) -> str:
+    return f"{n} pixels" if n < 1_000_000 else f"{n / 1e6:.0f} MP"
+
+
+def _read_stream(stream: BinaryIO, limit: int | None) -> bytes:
+    """All of ``stream``, or (with ``limit``) at most ``limit + 1`` bytes, short reads allowed."""
+    if limit is None:
+        return stream.read()
+    parts: list[bytes] = []
+    got = 0
+    while got <= limit:
+        chunk = stream.read(limit + 1 - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def open_image(
@@ -47,30 +86,38 @@ def open_image(
         except OSError as exc:
             raise ImageError(f"{label}: cannot read the file ({exc.strerror or exc})") from exc
         if max_bytes is not None and size > max_bytes:
-            raise ImageError(f"{label}: {size / 1e6:.1f} MB is over the {max_bytes / 1e6:.0f} MB limit")
-        data = path.read_bytes()
+            raise ImageError(f"{label}: {_size(size)} is over the {_size(max_bytes)} limit")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"{label}: cannot read the file ({exc.strerror or exc})") from exc
     elif isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
-    else:
-        data = source.read()
+    else:  # a stream (an upload): never read more than the limit allows
+        data = _read_stream(source, max_bytes)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ImageError(f"{label}: more than {_size(max_bytes)} is over the {_size(max_bytes)} limit")
     if max_bytes is not None and len(data) > max_bytes:
-        raise ImageError(f"{label}: {len(data) / 1e6:.1f} MB is over the {max_bytes / 1e6:.0f} MB limit")
+        raise ImageError(f"{label}: {_size(len(data))} is over the {_size(max_bytes)} limit")
     if not data:
         raise ImageError(f"{label}: the file is empty")
     try:
+        _refuse_truncated()
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(
-                    f"{label}: {w}x{h} = {w * h / 1e6:.0f} MP is over the {max_pixels / 1e6:.0f} MP limit "
+                    f"{label}: {w}x{h} = {_pixels(w * h)} is over the {_pixels(max_pixels)} limit "
                     "(a decompression bomb, or an image to downscale first)"
                 )
             if w < 1 or h < 1:
                 raise ImageError(f"{label}: the image has no pixels ({w}x{h})")
-            if getattr(img, "is_animated", False):
-                img.seek(0)  # animated GIF/WebP/PNG: the first frame
+            # animated GIF/WebP/PNG, multi-page TIFF: the first frame. (Not via ``is_animated``,
+            # which parses the later frames and crashes with IndexError on a damaged one.)
+            if img.tell() != 0:
+                img.seek(0)
             img.load()
     except ImageError:
         raise
@@ -78,13 +125,13 @@ def open_image(
         raise ImageError(f"{label}: refused as a decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{label}: not an image (PIL recognises no image format in these bytes)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # OSError, SyntaxError, EOFError... and struct.error, IndexError
+        # from PIL's pure-Python parsers on crafted bytes: whatever the decoder hit, it is corrupt
         raise ImageError(f"{label}: the image is truncated or corrupt ({exc})") from exc
-    try:
-        img = ImageOps.exif_transpose(img) or img
-    except Exception:  # a broken EXIF block must not lose an otherwise good image
-        pass
-    return _to_8bit(img)
+    out: Image.Image = img
+    with contextlib.suppress(Exception):  # a broken EXIF block must not lose an otherwise good image
+        out = ImageOps.exif_transpose(img) or img
+    return _to_8bit(out)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -99,8 +146,10 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         if mode.startswith("I;16"):
             arr = arr / 257.0
         else:  # 32-bit int or float: stretch the observed range
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            finite = arr[np.isfinite(arr)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
             arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+            arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
     if mode == "P" or mode == "PA":
         has_alpha = "transparency" in img.info or mode == "PA"
@@ -131,7 +180,8 @@ def to_mode(img: Image.Image, mode: str, *, background: int = 0) -> Image.Image:
 def thumbnail(img: Image.Image, size: int = 64) -> Image.Image:
     """A copy no larger than ``size`` px on its longer side (small images are scaled up with
     nearest neighbour so that 28x28 items stay crisp)."""
-    img = to_mode(img, "RGB" if img.mode in ("RGB", "RGBA", "P") else "L", background=0)
+    img = _to_8bit(img)  # colour is judged after conversion: CMYK, YCbCr, P... stay colour
+    img = to_mode(img, "RGB" if img.mode in ("RGB", "RGBA") else "L", background=0)
     w, h = img.size
     scale = size / max(w, h)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))

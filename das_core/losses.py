@@ -32,6 +32,12 @@ class LossSpec:
     help: str = ""
 
 
+def _module(obj: Any) -> nn.Module:
+    """pytorch-metric-learning is untyped: check at runtime what mypy cannot."""
+    assert isinstance(obj, nn.Module)
+    return obj
+
+
 def _lp_distance() -> Any:
     # Embeddings arrive L2-normalised already. PML's default LpDistance re-normalises its
     # inputs, which would silently undo DAS with normalize=False, so it is switched off.
@@ -47,63 +53,65 @@ def _margin(cfg: TrainConfig, default: float) -> float:
 def _triplet(cfg: TrainConfig, c: int, d: int) -> nn.Module:
     from pytorch_metric_learning.losses import TripletMarginLoss
 
-    return TripletMarginLoss(margin=_margin(cfg, 0.2), distance=_lp_distance())
+    return _module(TripletMarginLoss(margin=_margin(cfg, 0.2), distance=_lp_distance()))
 
 
 def _contrastive(cfg: TrainConfig, c: int, d: int) -> nn.Module:
     from pytorch_metric_learning.losses import ContrastiveLoss
 
-    return ContrastiveLoss(pos_margin=0.0, neg_margin=_margin(cfg, 1.0), distance=_lp_distance())
+    return _module(ContrastiveLoss(pos_margin=0.0, neg_margin=_margin(cfg, 1.0), distance=_lp_distance()))
 
 
 def _margin_loss(cfg: TrainConfig, c: int, d: int) -> nn.Module:
     from pytorch_metric_learning.losses import MarginLoss
 
     # Class-specific, learnable boundary beta (Wu et al. 2017; Roth et al.'s setting).
-    return MarginLoss(
-        margin=_margin(cfg, 0.2),
-        nu=0.0,
-        beta=cfg.margin_beta,
-        learn_beta=True,
-        num_classes=c,
-        distance=_lp_distance(),
+    return _module(
+        MarginLoss(
+            margin=_margin(cfg, 0.2),
+            nu=0.0,
+            beta=cfg.margin_beta,
+            learn_beta=True,
+            num_classes=c,
+            distance=_lp_distance(),
+        )
     )
 
 
 def _multi_similarity(cfg: TrainConfig, c: int, d: int) -> nn.Module:
     from pytorch_metric_learning.losses import MultiSimilarityLoss
 
-    return MultiSimilarityLoss(alpha=cfg.ms_alpha, beta=cfg.ms_beta, base=cfg.ms_base)
+    return _module(MultiSimilarityLoss(alpha=cfg.ms_alpha, beta=cfg.ms_beta, base=cfg.ms_base))
 
 
 def _npair(cfg: TrainConfig, c: int, d: int) -> nn.Module:
     from pytorch_metric_learning.losses import NPairsLoss
 
-    return NPairsLoss()
+    return _module(NPairsLoss())
 
 
 def _lifted(cfg: TrainConfig, c: int, d: int) -> nn.Module:
     from pytorch_metric_learning.losses import GeneralizedLiftedStructureLoss
 
-    return GeneralizedLiftedStructureLoss(neg_margin=_margin(cfg, 1.0), pos_margin=0.0, distance=_lp_distance())
+    return _module(GeneralizedLiftedStructureLoss(neg_margin=_margin(cfg, 1.0), pos_margin=0.0, distance=_lp_distance()))
 
 
 def _normalized_softmax(cfg: TrainConfig, c: int, d: int) -> nn.Module:
     from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
 
-    return NormalizedSoftmaxLoss(num_classes=c, embedding_size=d, temperature=0.05)
+    return _module(NormalizedSoftmaxLoss(num_classes=c, embedding_size=d, temperature=0.05))
 
 
 def _arcface(cfg: TrainConfig, c: int, d: int) -> nn.Module:
     from pytorch_metric_learning.losses import ArcFaceLoss
 
-    return ArcFaceLoss(num_classes=c, embedding_size=d, margin=_margin(cfg, 28.6), scale=64)
+    return _module(ArcFaceLoss(num_classes=c, embedding_size=d, margin=_margin(cfg, 28.6), scale=64))
 
 
 def _proxy_anchor(cfg: TrainConfig, c: int, d: int) -> nn.Module:
     from pytorch_metric_learning.losses import ProxyAnchorLoss
 
-    return ProxyAnchorLoss(num_classes=c, embedding_size=d, margin=_margin(cfg, 0.1), alpha=32)
+    return _module(ProxyAnchorLoss(num_classes=c, embedding_size=d, margin=_margin(cfg, 0.1), alpha=32))
 
 
 def _pddm(cfg: TrainConfig, c: int, d: int) -> nn.Module:
@@ -187,17 +195,20 @@ class Criterion(nn.Module):
         if mine_with_loss is not None:  # PDDM mining also trains the PDDM unit (its metric loss)
             indices, extra = mine_with_loss(embeddings, labels)
             scored: torch.Tensor = self.loss(embeddings, labels, indices)
-            return scored + extra
+            unit_loss: torch.Tensor = extra
+            return scored + unit_loss
         result: torch.Tensor = self.loss(embeddings, labels, self.miner(embeddings, labels))
         return result
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.das is None:
-            return self._score(embeddings, labels)
+            score: torch.Tensor = self._score(embeddings, labels)
+            return score
         emb_all, labels_all = self.das(embeddings, labels)
+        enlarged: torch.Tensor = self._score(emb_all, labels_all)
         if self.aux_weight > 0:  # the auxiliary-loss variant: L(real) + w * L(real and produced)
-            return self._score(embeddings, labels) + self.aux_weight * self._score(emb_all, labels_all)
-        return self._score(emb_all, labels_all)
+            return self._score(embeddings, labels) + self.aux_weight * enlarged
+        return enlarged
 
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
         """Optimiser groups for the criterion's own parameters (proxies, margin beta: ``loss_lr``;

@@ -343,10 +343,11 @@ def train(
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "time": time.time() - epoch_start}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             atomic_write_json(out / PROGRESS, {**_read_progress(out), "state": "evaluating", "updated": time.time()})
-            ekw = {"batch_size": cfg.eval_batch_size, "device": device, "num_workers": num_workers}
-            if splits.val is not None:
-                record["val"] = evaluate_split(model, splits.val, **ekw)
-            record["test"] = evaluate_split(model, splits.test, **ekw)
+            for name, split in (("val", splits.val), ("test", splits.test)):
+                if split is not None:
+                    record[name] = evaluate_split(
+                        model, split, batch_size=cfg.eval_batch_size, device=device, num_workers=num_workers
+                    )
         append_jsonl(out / METRICS, record)
         history.append(record)
         log.info("epoch %d/%d  %s", epoch, cfg.epochs, format_record(record))

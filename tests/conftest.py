@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MKL_NUM_THREADS", "2")
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

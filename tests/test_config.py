@@ -4,7 +4,16 @@ from pathlib import Path
 
 import pytest
 
-from das_core.config import BACKBONES, DATASETS, LOSSES, MINERS, ConfigError, TrainConfig, dump_config, load_config_file
+from das_core.config import (
+    BACKBONES,
+    DATASETS,
+    LOSSES,
+    MINERS,
+    ConfigError,
+    TrainConfig,
+    dump_config,
+    load_config_file,
+)
 
 
 def test_defaults_are_valid() -> None:

@@ -225,6 +225,10 @@ def carve_validation(
     (the zero-shot protocol). ``val_fraction``: that fraction of every training class's
     images is held out (same classes, unseen images). Neither: no validation split.
     """
+    if val_classes < 0:
+        raise DatasetError(f"{train.name}: val_classes must be >= 0, got {val_classes}")
+    if not 0.0 <= val_fraction < 1.0:  # also refuses NaN
+        raise DatasetError(f"{train.name}: val_fraction must lie in [0, 1), got {val_fraction}")
     if val_classes and val_fraction:
         raise DatasetError("choose val_classes or val_fraction, not both")
     if val_classes:

@@ -53,6 +53,8 @@ def read_idx(path: Path) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
         raise DatasetError(f"{path} is not a uint8 idx file (magic {data[:4].hex()})")
+    if len(data) < 4 + 4 * ndim:
+        raise DatasetError(f"{path} is truncated: its header ends after {len(data)} bytes")
     dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     expected = int(np.prod(dims))
@@ -111,10 +113,17 @@ def load_fashion_mnist_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         if p is None:
             raise DatasetError(f"Fashion-MNIST: {folder} lacks {stem} (or {stem}.gz)")
         parts[key] = read_idx(p)
+    for split in ("train", "test"):
+        imgs, labs = parts[f"{split}_images"], parts[f"{split}_labels"]
+        if imgs.ndim != 3 or imgs.shape[1:] != (28, 28) or labs.ndim != 1 or len(imgs) != len(labs):
+            raise DatasetError(
+                f"Fashion-MNIST in {folder}: expected 28x28 {split} images matching the labels, "
+                f"got images {imgs.shape} and labels {labs.shape}"
+            )
     images = np.concatenate([parts["train_images"], parts["test_images"]])
     labels = np.concatenate([parts["train_labels"], parts["test_labels"]]).astype(np.int64)
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise DatasetError(f"Fashion-MNIST in {folder}: expected 28x28 images matching the labels, got {images.shape}")
+    if len(labels) == 0:
+        raise DatasetError(f"Fashion-MNIST in {folder}: the idx files hold no images")
     if labels.max() > 9:
         raise DatasetError(f"Fashion-MNIST in {folder}: labels must be 0-9, found {labels.max()}")
     return images, labels

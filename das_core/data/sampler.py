@@ -16,6 +16,14 @@ import torch
 from das_core.data.base import DatasetError
 
 
+def _fitting_samples_per_class(batch_size: int, n_classes: int) -> int | None:
+    """The smallest samples-per-class that divides ``batch_size`` into 2..``n_classes`` classes."""
+    for m in range(-(-batch_size // n_classes), batch_size // 2 + 1):
+        if batch_size % m == 0:
+            return m
+    return None
+
+
 class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Yields ``num_batches`` batches of ``batch_size`` indices: ``batch_size // m`` distinct
     classes drawn at random, ``m`` images of each (without replacement when the class has
@@ -39,7 +47,7 @@ class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
         if batch_size % samples_per_class:
             raise DatasetError(
                 f"batch_size={batch_size} is not a multiple of samples_per_class={samples_per_class}: "
-                f"a batch is classes x samples per class (try {batch_size - batch_size % samples_per_class})"
+                f"a batch is classes x samples per class (try {max(2 * samples_per_class, batch_size - batch_size % samples_per_class)})"
             )
         self.classes = np.unique(labels)
         n_classes = batch_size // samples_per_class
@@ -49,17 +57,25 @@ class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
                 f"batch, so no pair has a negative; use batch_size >= {2 * samples_per_class}"
             )
         if n_classes > len(self.classes):
-            raise DatasetError(
+            need = (
                 f"a batch of {batch_size} with {samples_per_class} samples per class needs {n_classes} "
-                f"classes, but the training split has only {len(self.classes)}; raise --samples-per-class "
-                f"to at least {-(-batch_size // len(self.classes))} or lower --batch-size to at most "
-                f"{len(self.classes) * samples_per_class}"
+                f"classes, but the training split has only {len(self.classes)}"
+            )
+            if len(self.classes) < 2:
+                raise DatasetError(f"{need}; class-disjoint batches need a split with at least 2 classes")
+            m = _fitting_samples_per_class(batch_size, len(self.classes))
+            raise_m = f"raise --samples-per-class to {m} or " if m is not None else ""
+            raise DatasetError(
+                f"{need}; {raise_m}lower --batch-size to at most {len(self.classes) * samples_per_class}"
             )
         self.labels = labels
         self.batch_size = batch_size
         self.m = samples_per_class
         self.classes_per_batch = n_classes
-        self.members = [np.flatnonzero(labels == c) for c in self.classes]
+        # indices of each class, ascending (a stable sort split at class boundaries: O(N log N),
+        # not O(N x classes) -- SOP has 11k training classes)
+        order = np.argsort(labels, kind="stable")
+        self.members = np.split(order, np.searchsorted(labels[order], self.classes[1:]))
         self.num_batches = num_batches if num_batches is not None else max(1, len(labels) // batch_size)
         self.seed = seed
         self.epoch = 0
