@@ -16,7 +16,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,13 @@ import torch
 
 from das_core.checkpoint import save_checkpoint
 from das_core.config import TrainConfig, dump_config, load_config_file
-from das_core.data import DatasetSplits, DMLDataset, MPerClassBatchSampler, load_splits
+from das_core.data import ArrayDataset, DatasetSplits, DMLDataset, MPerClassBatchSampler, load_splits
+from das_core.data.base import uint8_batch
 from das_core.embed import auto_workers, embed_dataset, resolve_device
 from das_core.io import append_jsonl, atomic_write, atomic_write_json, read_jsonl, truncate_jsonl
 from das_core.losses import Criterion, build_criterion
 from das_core.models import EmbeddingNet, build_model
+from das_core.models.preprocessing import Preprocessing
 
 log = logging.getLogger("das_core.train")
 
@@ -251,14 +253,7 @@ def train(
         (out / METRICS).unlink(missing_ok=True)
     dump_config(cfg, out / CONFIG)
 
-    train_ds = splits.train.with_transform(model.preprocessing.train_transform())
-    loader = torch.utils.data.DataLoader(
-        train_ds,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
-    )
+    loader = make_train_batches(splits.train, model.preprocessing, sampler, device, num_workers)
     steps = len(sampler)
     emit = on_event or (lambda event: None)
     started = time.time()
@@ -285,9 +280,7 @@ def train(
         epoch_start = time.time()
         last_report = 0.0
         bar = _progress_bar(steps, epoch, cfg.epochs, show_progress)
-        for step, (x, y) in enumerate(loader, start=1):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
+        for step, (x, y) in enumerate(loader(), start=1):
             if device.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
@@ -311,7 +304,7 @@ def train(
                 first_bad = int(bad_step)  # a host sync once a second, not every step
                 if first_bad >= 0:
                     raise TrainingError(
-                        f"the loss became {float(loss):.4g} (not finite) at epoch {epoch}, step {first_bad}; "
+                        f"the loss became {float(detached):.4g} (not finite) at epoch {epoch}, step {first_bad}; "
                         f"training stopped. The last good checkpoint is kept in {out} (epoch {epoch - 1}). "
                         "Lower --lr, or check the data for broken images."
                     )
@@ -390,6 +383,45 @@ def train(
     atomic_write_json(out / PROGRESS, {**_read_progress(out), "state": "done", "updated": time.time()})
     emit({"event": "done", "out": str(out)})
     return TrainResult(out_dir=out, last=last, selected_epoch=selected_epoch, history=history)
+
+
+def make_train_batches(
+    dataset: DMLDataset,
+    prep: Preprocessing,
+    sampler: MPerClassBatchSampler,
+    device: torch.device,
+    num_workers: int,
+) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """An iterator factory of augmented ``(images, labels)`` batches on ``device``.
+
+    In-memory uint8 datasets (Fashion-MNIST, digits) are indexed and augmented a whole
+    batch at a time on the device (per-image torchvision transforms cost ~1 ms per image
+    here, more than the small CNN's own step); file datasets decode and augment per image
+    in DataLoader workers."""
+    channels = 1 if isinstance(dataset, ArrayDataset) and dataset.images.ndim == 3 else 3
+    if isinstance(dataset, ArrayDataset) and prep.supports_batch(channels):
+
+        def in_memory() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            labels = torch.from_numpy(dataset.labels)
+            for idx in sampler:
+                index = torch.as_tensor(idx)
+                x = uint8_batch(dataset, idx).to(device, non_blocking=True)
+                yield prep.train_batch(x), labels[index].to(device, non_blocking=True)
+
+        return in_memory
+    loader = torch.utils.data.DataLoader(
+        dataset.with_transform(prep.train_transform()),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+
+    def from_files() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return from_files
 
 
 def _read_progress(out: Path) -> dict[str, Any]:

@@ -261,3 +261,13 @@ def carve_validation(
             train.subset(va_idx, "val", relabel=False),
         )
     return train, None
+
+
+def uint8_batch(dataset: DMLDataset, indices: np.ndarray | Sequence[int]) -> torch.Tensor:
+    """Images ``indices`` of an in-memory ``ArrayDataset`` as a uint8 ``(B, C, H, W)`` tensor
+    (no per-image transform: the batched preprocessing path takes it from here)."""
+    if not isinstance(dataset, ArrayDataset):
+        raise TypeError("uint8_batch needs an ArrayDataset")
+    arr = dataset.images[np.asarray(indices, dtype=np.int64)]
+    t = torch.from_numpy(arr)
+    return t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()

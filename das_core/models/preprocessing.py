@@ -4,6 +4,7 @@ checkpoint, so a query image is later prepared exactly as the training images we
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -87,6 +88,73 @@ class Preprocessing:
                 T.Normalize(self.mean, self.std),
             ]
         )
+
+    # -- batched path for in-memory uint8 images ------------------------------------------------
+    def supports_batch(self, channels: int) -> bool:
+        """Whether uint8 batches with ``channels`` channels can take the batched path
+        (grey to RGB is a channel copy, exactly as PIL's convert; RGB to grey is not offered)."""
+        return channels == self.channels or (channels == 1 and self.channels == 3)
+
+    def _batch_common(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise ValueError(f"batched preprocessing takes uint8 (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        if x.shape[1] == 1 and self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        return TF.resize(x, [self.resize], antialias=True) if min(x.shape[-2:]) != self.resize else x
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(self.mean), list(self.std))
+
+    def eval_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """``eval_transform`` applied to a uint8 batch ``(B, C, H, W)`` at once (same functional
+        ops, so the same numbers as the per-image path); runs on ``x``'s device."""
+        from torchvision.transforms.v2 import functional as TF
+
+        return self._finish(TF.center_crop(self._batch_common(x), [self.crop]))
+
+    def train_batch(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``train_transform`` for a uint8 batch at once, with per-image random draws:
+        pad-crop-flip by gathering per-image crop windows, rrc-flip by ``roi_align``
+        (bilinear crop-and-resize of a per-image random box)."""
+        from torchvision.transforms.v2 import functional as TF
+
+        x = self._batch_common(x)
+        b = x.shape[0]
+        dev = x.device
+        if self.augment == "none":
+            return self.eval_batch(x)
+        if self.augment == "pad-crop-flip":
+            x = TF.center_crop(x, [self.crop])
+            pad = max(1, self.crop // 14)
+            padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+            oy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+            ox = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+            ar = torch.arange(self.crop, device=dev)
+            bi = torch.arange(b, device=dev)[:, None, None]
+            iy = (oy[:, None] + ar)[:, :, None]
+            ix = (ox[:, None] + ar)[:, None, :]
+            x = padded.permute(0, 2, 3, 1)[bi, iy, ix].permute(0, 3, 1, 2).contiguous()
+        else:  # rrc-flip: RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) per image
+            from torchvision.ops import roi_align
+
+            h, w = x.shape[-2:]
+            area = h * w * torch.empty(b, device=dev).uniform_(0.08, 1.0, generator=generator)
+            log_r = torch.empty(b, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+            ratio = torch.exp(log_r)
+            cw = torch.sqrt(area * ratio).clamp(1, w)
+            ch = torch.sqrt(area / ratio).clamp(1, h)
+            x0 = torch.rand(b, device=dev, generator=generator) * (w - cw)
+            y0 = torch.rand(b, device=dev, generator=generator) * (h - ch)
+            boxes = torch.stack([torch.arange(b, device=dev, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)
+            crops = roi_align(x.float(), boxes, output_size=(self.crop, self.crop), aligned=True, sampling_ratio=2)
+            x = crops.round_().clamp_(0, 255).to(torch.uint8)
+        flip = torch.rand(b, device=dev, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return self._finish(x)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """One image as a ``(1, C, H, W)`` evaluation batch."""

@@ -1,0 +1,509 @@
+"""Densely-Anchored Sampling (DAS; Liu et al., ECCV 2022), vectorised.
+
+Every real embedding ``v`` (label ``y``) of a mini-batch is treated as an anchor
+around which ``T`` new embeddings are *produced*, ``v' = s ⊙ v + b``:
+
+* **DFS** (discriminative feature scaling): a *frequency recorder*
+  ``P ∈ R^{C×d}`` counts, per class, how often each dimension is among the
+  top-``K`` (signed) values of a real embedding of that class. The *mask*
+  ``M[y]`` holds the top-``K`` dimensions of ``P[y]``; the scale is
+  ``s = γ ⊙ M[y] + 1 ⊙ (1 − M[y])`` with ``γ ~ U[1 − r_s, 1 + r_s]^d``, drawn
+  afresh per embedding and per round, so only the masked dimensions change.
+* **MTS** (memorized transformation shifting): a *bank* per class, a FIFO ring
+  buffer of size ``Z`` fed with the differences ``v_i − v_j`` of all ordered
+  same-class pairs of the (detached) batch. The shift is ``b = r_b · t`` with
+  ``t`` drawn uniformly from the filled rows of the class bank (``b = 0`` while
+  the bank is empty).
+
+A call ``das(embeddings, labels)`` first updates the state with the batch
+(frequency recorder, then banks), then produces ``T`` rounds, and returns
+``cat([real, round_1, …, round_T])`` with the labels repeated ``1 + T`` times;
+the miner and the loss are used unchanged on that.
+
+Unlike the authors' code there is no per-sample Python loop and no host
+synchronisation in the hot path, the state lives in registered buffers (so
+checkpoints carry it) on the module's device, and the bank's "is full" test is
+an explicit ``bank_filled`` counter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DASDtypeError", "DenselyAnchoredSampling"]
+
+BankPath = Literal["compact", "fixed"]
+
+# Largest number of elements of one chunk of the pairwise "is v_i − v_j a zero row"
+# test in the fixed-shape bank path (bounds its temporary memory to 64 MiB of float32).
+_PAIR_CHUNK_ELEMENTS = 1 << 24
+
+
+class DASDtypeError(TypeError, ValueError):
+    """A tensor of an unsupported dtype. Both a ``TypeError`` and a ``ValueError``."""
+
+
+def _nonzero_rows(diff: Tensor) -> Tensor:
+    """``(diff != 0).any(-1)``: False exactly for the all-zero rows (NaN counts as non-zero),
+    computed as ``max |diff| != 0``, which is several times faster on CPU."""
+    return diff.abs().amax(dim=-1) != 0
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} is not allowed: must be {allowed}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name}={value!r} is out of range: must be {allowed}")
+    return int(value)
+
+
+def _check_r_s(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"r_s={value!r} is out of range: the scale range must satisfy 0 < r_s < 1")
+    return float(value)
+
+
+def _check_r_b(value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(float(value)) and float(value) >= 0.0)
+    ):
+        raise ValueError(f"r_b={value!r} is out of range: the shift ratio must be a finite number >= 0")
+    return float(value)
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not allowed: must be True or False")
+    return value
+
+
+class DenselyAnchoredSampling(nn.Module):
+    """Densely-Anchored Sampling: produce ``num_produce`` embeddings around every real one.
+
+    Args:
+        num_classes: ``C``, the number of training classes (labels are ``0..C-1``).
+        dim: ``d``, the embedding dimension.
+        num_produce: ``T``, rounds of produced embeddings per real embedding.
+        topk: ``K``, the dimensions counted by the frequency recorder per embedding,
+            and the size of each class mask.
+        r_s: the scale range: ``γ ~ U[1 − r_s, 1 + r_s]`` on the masked dimensions.
+        r_b: the shift ratio: ``b = r_b · t`` with ``t`` a row of the class bank.
+        bank_size: ``Z``, the rows of each class's transformation bank.
+        normalize: L2-normalise the produced embeddings.
+        detach: produce from a detached copy of the embeddings (constants for the
+            loss; the real embeddings still get gradients through the pairs they form).
+        use_dfs: discriminative feature scaling on (frequency recorder + mask + scale).
+        use_mts: memorized transformation shifting on (banks + shift).
+
+    State (registered buffers, all on the module's device):
+        ``frequency`` ``(C, d)`` float32 counts ``P``; ``bank`` ``(C, Z, d)`` float32;
+        ``bank_filled`` ``(C,)`` int64 filled rows per class bank; ``bank_ptr``
+        ``(C,)`` int64 next slot to write per class bank (ring write pointer).
+    """
+
+    frequency: Tensor
+    bank: Tensor
+    bank_filled: Tensor
+    bank_ptr: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        num_produce: int = 3,
+        topk: int = 4,
+        r_s: float = 0.01,
+        r_b: float = 0.01,
+        bank_size: int = 10,
+        normalize: bool = True,
+        detach: bool = True,
+        use_dfs: bool = True,
+        use_mts: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_classes = _check_int("num_classes", num_classes, 1)
+        self.dim = _check_int("dim", dim, 1)
+        self.num_produce = _check_int("num_produce", num_produce, 1)
+        self.topk = _check_int("topk", topk, 1, self.dim)
+        self.r_s = _check_r_s(r_s)
+        self.r_b = _check_r_b(r_b)
+        self.bank_size = _check_int("bank_size", bank_size, 1)
+        self.normalize = _check_bool("normalize", normalize)
+        self.detach = _check_bool("detach", detach)
+        self.use_dfs = _check_bool("use_dfs", use_dfs)
+        self.use_mts = _check_bool("use_mts", use_mts)
+        # Which bank-update implementation to use: None picks by device ("compact" on CPU,
+        # "fixed" elsewhere). Tests set it to compare the two.
+        self._bank_path: BankPath | None = None
+
+        c, d, z = self.num_classes, self.dim, self.bank_size
+        self.register_buffer("frequency", torch.zeros(c, d, dtype=torch.float32))
+        self.register_buffer("bank", torch.zeros(c, z, d, dtype=torch.float32))
+        self.register_buffer("bank_filled", torch.zeros(c, dtype=torch.int64))
+        self.register_buffer("bank_ptr", torch.zeros(c, dtype=torch.int64))
+
+    # ------------------------------------------------------------------ configuration
+
+    def config(self) -> dict[str, Any]:
+        """The hyper-parameters, as keyword arguments of the constructor."""
+        return {
+            "num_classes": self.num_classes,
+            "dim": self.dim,
+            "num_produce": self.num_produce,
+            "topk": self.topk,
+            "r_s": self.r_s,
+            "r_b": self.r_b,
+            "bank_size": self.bank_size,
+            "normalize": self.normalize,
+            "detach": self.detach,
+            "use_dfs": self.use_dfs,
+            "use_mts": self.use_mts,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Tensor], **hparams: Any) -> DenselyAnchoredSampling:
+        """A module holding ``state`` (from ``state_dict()``); ``C``, ``d`` and ``Z`` are read
+        from the shapes, the other hyper-parameters come from ``hparams`` (else defaults).
+        The module is put on the device of ``state["frequency"]``."""
+        missing = [k for k in ("frequency", "bank", "bank_filled", "bank_ptr") if k not in state]
+        if missing:
+            raise ValueError(f"state has no {', '.join(missing)}: not a DenselyAnchoredSampling state_dict")
+        c, z, d = state["bank"].shape
+        shapes = {"num_classes": c, "dim": d, "bank_size": z}
+        for key, val in shapes.items():
+            if key in hparams and hparams[key] != val:
+                raise ValueError(f"{key}={hparams[key]!r} disagrees with the state, which has {key}={val}")
+        module = cls(**{**hparams, **shapes})
+        module.load_state_dict(dict(state))
+        return module.to(state["frequency"].device)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DenselyAnchoredSampling:
+        # ``.half()`` / ``.to(bfloat16)`` on a model holding this module must not turn the
+        # counts and the banks into low precision: they always stay float32.
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        for name in ("frequency", "bank"):
+            buf = self._buffers[name]
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    # ------------------------------------------------------------------ state views
+
+    def compute_mask(self, topk: int | None = None) -> Tensor:
+        """The ``(C, d)`` bool mask ``M``: the top-``topk`` dimensions of each row of the
+        frequency recorder (ties broken as ``torch.topk`` breaks them)."""
+        k = self.topk if topk is None else _check_int("topk", topk, 1, self.dim)
+        freq = self.frequency
+        return torch.zeros(freq.shape, dtype=torch.bool, device=freq.device).scatter_(
+            1, freq.topk(k, dim=1).indices, True
+        )
+
+    @property
+    def mask(self) -> Tensor:
+        """The ``(C, d)`` bool mask ``M`` (top-``topk`` of each row of ``frequency``)."""
+        return self.compute_mask()
+
+    def bank_in_order(self, cls: int) -> Tensor:
+        """The filled rows of the bank of class ``cls``, oldest first (not for the hot path)."""
+        c = _check_int("cls", cls, 0, self.num_classes - 1)
+        filled = int(self.bank_filled[c])
+        start = (int(self.bank_ptr[c]) - filled) % self.bank_size
+        order = (start + torch.arange(filled, device=self.bank.device)) % self.bank_size
+        return self.bank[c, order]
+
+    @torch.no_grad()
+    def reset_state(self) -> None:
+        """Empty the frequency recorder and the banks."""
+        self.frequency.zero_()
+        self.bank.zero_()
+        self.bank_filled.zero_()
+        self.bank_ptr.zero_()
+
+    # ------------------------------------------------------------------ input checks
+
+    def _check_inputs(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Validate the batch; return the labels as int64."""
+        if not isinstance(embeddings, Tensor) or not isinstance(labels, Tensor):
+            raise DASDtypeError("embeddings and labels must be torch tensors")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(f"embeddings must have shape (B, dim={self.dim}), got {tuple(embeddings.shape)}")
+        if not embeddings.is_floating_point():
+            raise DASDtypeError(f"embeddings must be floating point, got {embeddings.dtype}")
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"labels must have shape (B,) = ({embeddings.shape[0]},) to match the embeddings, "
+                f"got {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise DASDtypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        device = self.frequency.device
+        if embeddings.device != device or labels.device != device:
+            raise ValueError(
+                f"inputs are on {embeddings.device} (embeddings) and {labels.device} (labels) but the "
+                f"DAS state is on {device}: move the module with .to(device)"
+            )
+        labels = labels.long()
+        if labels.numel() == 0:
+            return labels
+        if labels.device.type == "cpu":
+            lo, hi = labels.aminmax()
+            if bool(lo < 0) or bool(hi >= self.num_classes):
+                raise ValueError(
+                    f"labels must lie in [0, num_classes - 1] = [0, {self.num_classes - 1}], "
+                    f"got values in [{int(lo)}, {int(hi)}]"
+                )
+        else:  # no host synchronisation: the check fails asynchronously on the device
+            torch._assert_async(
+                ((labels >= 0) & (labels < self.num_classes)).all(),
+                f"DAS: labels out of range [0, {self.num_classes - 1}]",
+            )
+        return labels
+
+    # ------------------------------------------------------------------ state update
+
+    @torch.no_grad()
+    def update(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Update the frequency recorder (when ``use_dfs``), then the banks (when ``use_mts``),
+        with a batch of real embeddings (used detached)."""
+        labels = self._check_inputs(embeddings, labels)
+        self._update(embeddings, labels)
+
+    def _update(self, embeddings: Tensor, labels: Tensor) -> None:
+        if embeddings.shape[0] == 0:
+            return
+        with torch.no_grad():
+            x = embeddings.detach().to(torch.float32)
+            if self.use_dfs:
+                self._update_frequency(x, labels)
+            if self.use_mts:
+                path = self._bank_path or ("compact" if x.device.type == "cpu" else "fixed")
+                if path == "compact":
+                    self._update_bank_compact(x, labels)
+                elif path == "fixed":
+                    self._update_bank_fixed(x, labels)
+                else:
+                    raise ValueError(f"_bank_path={path!r}: must be 'compact', 'fixed' or None")
+
+    def _update_frequency(self, x: Tensor, labels: Tensor) -> None:
+        """Frequency recorder: ``P[y, k] += 1`` for the top-``K`` (signed) dims of each ``v``."""
+        idx = x.topk(self.topk, dim=1).indices  # (B, K)
+        rows = labels.unsqueeze(1).expand_as(idx)
+        # accumulate=True sums duplicates (same class, same dim) exactly: integer counts in float32.
+        self.frequency.index_put_((rows, idx), torch.ones(idx.shape, device=x.device), accumulate=True)
+
+    def _advance_pointers(self, counts: Tensor) -> None:
+        """After ``counts[c]`` new pairs of class ``c`` were pushed: the filled rows and the ring
+        write pointer (which, once the bank is full, points at the oldest row)."""
+        z = self.bank_size
+        self.bank_filled.copy_(torch.clamp(self.bank_filled + counts, max=z))
+        self.bank_ptr.copy_(torch.remainder(self.bank_ptr + counts, z))
+
+    def _update_bank_compact(self, x: Tensor, labels: Tensor) -> None:
+        """Bank update with dynamic shapes (``nonzero``): free on CPU, syncs on CUDA.
+
+        The ``n_c`` new pairs of class ``c``, in the row-major ``(i, j)`` order of the
+        same-class mask, are pushed one after the other into the ring of class ``c``: the pair
+        of within-class rank ``r`` lands in slot ``(bank_ptr[c] + r) mod Z`` and the pointer
+        advances by ``n_c``, exactly as pushing them one at a time would. Only the last
+        ``min(n_c, Z)`` can survive (ranks ``r >= s_c = max(n_c − Z, 0)``, distinct slots), so
+        only those are written."""
+        z, c = self.bank_size, self.num_classes
+        same = labels.unsqueeze(1) == labels.unsqueeze(0)
+        same.fill_diagonal_(False)
+        ii, jj = same.nonzero(as_tuple=True)  # row-major: for i, for j
+        diff = x.index_select(0, ii) - x.index_select(0, jj)
+        # Identical embeddings give zero rows: dropped, by giving them the key C (sorts last).
+        key = torch.where(_nonzero_rows(diff), labels.index_select(0, ii), c)
+        counts = torch.bincount(key, minlength=c + 1)
+        # Group by class keeping the row-major order (stable sort); work in sorted order.
+        order = torch.argsort(key, stable=True)
+        skey = key.index_select(0, order)
+        start = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(skey.numel(), device=x.device) - start.index_select(0, skey)
+        skip = torch.clamp(counts - z, min=0)  # s_c: the pairs pushed out within this batch
+        write = (rank >= skip.index_select(0, skey)) & (skey < c)
+        w = write.nonzero().squeeze(1)
+        cls = skey.index_select(0, w)
+        slot = torch.remainder(self.bank_ptr.index_select(0, cls) + rank.index_select(0, w), z)
+        self.bank.index_put_((cls, slot), diff.index_select(0, order.index_select(0, w)))
+        self._advance_pointers(counts[:c])
+
+    def _update_bank_fixed(self, x: Tensor, labels: Tensor) -> None:
+        """Bank update with fixed shapes and no host synchronisation (the CUDA path).
+
+        Same result as :meth:`_update_bank_compact`, computed in the other direction: instead
+        of scattering pairs to slots, every slot of the bank of every sample's class *gathers*
+        the pair that ends up in it, so no dynamic shape and no dump row is needed.
+
+        1. Validity of all ``B²`` ordered pairs ``(i, j)`` (flattened row-major): same class,
+           ``i ≠ j``, ``v_i − v_j`` not a zero row.
+        2. A stable sort of the keys ``class(i)`` (``C`` for invalid pairs, which go last)
+           lists the valid pairs grouped by class, in row-major order within each class;
+           ``n_c`` (a scatter-add) and its exclusive cumsum ``start_c`` locate class ``c``'s
+           run, so its rank-``r`` pair is ``order[start_c + r]``.
+        3. The compact path writes the last ``m_c = min(n_c, Z)`` pairs, rank ``r`` to slot
+           ``(ptr_c + r) mod Z`` for ``r >= s_c = max(n_c − Z, 0)``. Inverted: slot ``z`` has
+           ``k = (z − ptr_c − s_c) mod Z`` and receives rank ``s_c + k`` when ``k < m_c``,
+           else keeps its old row.
+        4. Each sample ``i`` rebuilds the ``(Z, d)`` bank of its class (``B·Z`` differences,
+           not ``B²``) and writes it back with ``index_put_``. Samples of the same class
+           write bit-identical rows, so duplicate indices are harmless.
+        """
+        b, d = x.shape
+        z, c = self.bank_size, self.num_classes
+        dev = x.device
+        ar = torch.arange(b, device=dev)
+        valid = (labels.unsqueeze(1) == labels.unsqueeze(0)) & (ar.unsqueeze(1) != ar.unsqueeze(0))
+        # "Zero row" test exactly as in the compact path (on v_i − v_j, not v_i == v_j, which
+        # differ for infinities), chunked over i to bound the (chunk, B, d) temporary.
+        step = max(1, _PAIR_CHUNK_ELEMENTS // max(1, b * d))
+        nonzero = torch.cat(
+            [_nonzero_rows(x[s : s + step].unsqueeze(1) - x.unsqueeze(0)) for s in range(0, b, step)]
+        )
+        valid &= nonzero
+        key = torch.where(valid, labels.unsqueeze(1), c).reshape(-1)  # (B²,), C = invalid
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(c + 1, dtype=torch.int64, device=dev)
+        counts = counts.scatter_add_(0, key, torch.ones_like(key))[:c]
+        start = torch.cumsum(counts, 0) - counts
+
+        n = counts[labels].unsqueeze(1)  # (B, 1) valid pairs of each sample's class
+        slots = torch.arange(z, device=dev).unsqueeze(0)  # (1, Z)
+        skip = torch.clamp(n - z, min=0)  # s_c
+        k = torch.remainder(slots - self.bank_ptr[labels].unsqueeze(1) - skip, z)  # (B, Z)
+        written = k < torch.clamp(n, max=z)
+        rank = torch.where(written, skip + k, 0)
+        # start + rank < start + n <= number of valid pairs < B², so the gather stays in range.
+        pair = order[start[labels].unsqueeze(1) + rank]  # (B, Z) flat pair indices
+        new = x[torch.div(pair, b, rounding_mode="floor")] - x[torch.remainder(pair, b)]  # (B, Z, d)
+        rows = torch.where(written.unsqueeze(2), new, self.bank[labels])
+        self.bank.index_put_((labels,), rows)
+        self._advance_pointers(counts)
+
+    # ------------------------------------------------------------------ produce
+
+    def produce(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        r_s: float | None = None,
+        r_b: float | None = None,
+        num_produce: int | None = None,
+        topk: int | None = None,
+        use_dfs: bool | None = None,
+        use_mts: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Produce ``T`` rounds from the current state, without changing it.
+
+        Returns ``(T·B, d)`` rows in the input dtype; row ``t·B + i`` is round ``t + 1`` of
+        sample ``i``: ``v' = s ⊙ v + b`` with ``s = γ ⊙ M[y] + 1 ⊙ (1 − M[y])``,
+        ``γ ~ U[1 − r_s, 1 + r_s]^d`` (fresh per embedding and round) and ``b = r_b · t``, ``t``
+        uniform over the filled rows of ``bank[y]`` (``b = 0`` for an empty bank), then
+        L2-normalised when ``normalize``. Keyword arguments override the module's
+        hyper-parameters for this call only (the app's sliders). Random draws come from
+        ``generator`` (default: torch's global RNG). The arithmetic is done in float32 (the
+        dtype of the state) whatever the input dtype.
+        """
+        labels = self._check_inputs(embeddings, labels)
+        return self._produce(
+            embeddings,
+            labels,
+            r_s=self.r_s if r_s is None else _check_r_s(r_s),
+            r_b=self.r_b if r_b is None else _check_r_b(r_b),
+            num_produce=self.num_produce
+            if num_produce is None
+            else _check_int("num_produce", num_produce, 1),
+            topk=self.topk if topk is None else _check_int("topk", topk, 1, self.dim),
+            use_dfs=self.use_dfs if use_dfs is None else _check_bool("use_dfs", use_dfs),
+            use_mts=self.use_mts if use_mts is None else _check_bool("use_mts", use_mts),
+            generator=generator,
+        )
+
+    def _produce(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        r_s: float,
+        r_b: float,
+        num_produce: int,
+        topk: int,
+        use_dfs: bool,
+        use_mts: bool,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        b, d = embeddings.shape
+        t_rounds = num_produce
+        dev = embeddings.device
+        src = embeddings.detach() if self.detach else embeddings
+        v = src.to(torch.float32)  # compute in float32, cast back at the end
+        out = v.unsqueeze(0).expand(t_rounds, b, d)
+        if b == 0:
+            return out.reshape(0, d).to(embeddings.dtype)
+        if use_dfs:
+            # s ⊙ v only differs from v on the masked dims: scatter γ ⊙ v there. The mask
+            # indices are exactly those of `self.mask` (same topk call on the same tensor).
+            idx = self.frequency.topk(topk, dim=1).indices.index_select(0, labels)  # (B, K)
+            gamma = torch.rand(t_rounds, b, topk, generator=generator, device=dev, dtype=torch.float32)
+            gamma = gamma.mul_(2.0 * r_s).add_(1.0 - r_s)  # U[1 - r_s, 1 + r_s]
+            idx3 = idx.unsqueeze(0).expand(t_rounds, b, topk)
+            out = out.scatter(2, idx3, gamma * v.gather(1, idx).unsqueeze(0))
+        # `out` is our own tensor from here on (not a view of the input): in-place is safe
+        # (large temporaries cost page faults on CPU); autograd allows the in-place add.
+        owned = use_dfs
+        if use_mts:
+            filled = self.bank_filled.index_select(0, labels)  # (B,)
+            u = torch.rand(t_rounds, b, generator=generator, device=dev, dtype=torch.float32)
+            # floor(u · filled) is uniform on 0..filled-1; the clamp guards float rounding up
+            # to `filled` and the empty bank (row 0, multiplied by 0 below).
+            row = torch.minimum((u * filled).long(), (filled - 1).clamp(min=0))
+            z = self.bank_size
+            flat = (labels * z + row).reshape(-1)  # (T·B,) rows of bank viewed as (C·Z, d)
+            shift = self.bank.reshape(-1, d).index_select(0, flat).view(t_rounds, b, d)
+            coef = (filled > 0).to(torch.float32).mul_(r_b).view(1, b, 1)  # b = r_b·t, 0 if empty
+            shift.mul_(coef)
+            out = out.add_(shift) if owned else out + shift
+            owned = True
+        if self.normalize:
+            # = F.normalize(out, dim=2): same eps and arithmetic, without its expand_as copy.
+            norm = torch.linalg.vector_norm(out, dim=2, keepdim=True).clamp_min(1e-12)
+            # the division's backward needs `out`, so only divide in place without autograd
+            out = out.div_(norm) if owned and not out.requires_grad else out / norm
+        elif not owned:  # both halves off, no normalisation: still return a fresh tensor
+            out = out.clone()
+        return out.reshape(t_rounds * b, d).to(embeddings.dtype)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Update the state with the batch, then produce: returns
+        ``(cat([real, round_1, …, round_T]), labels.repeat(1 + T))``; the real part is the
+        input tensor itself (its gradients flow)."""
+        labels = self._check_inputs(embeddings, labels)
+        self._update(embeddings, labels)
+        produced = self._produce(
+            embeddings,
+            labels,
+            r_s=self.r_s,
+            r_b=self.r_b,
+            num_produce=self.num_produce,
+            topk=self.topk,
+            use_dfs=self.use_dfs,
+            use_mts=self.use_mts,
+            generator=None,
+        )
+        return torch.cat([embeddings, produced]), labels.repeat(1 + self.num_produce)
