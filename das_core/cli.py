@@ -271,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from das_core.jobs import cmd_jobs
 
         return cmd_jobs(args)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from das_core.errors import USER_ERRORS
 
     try:

@@ -14,15 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import (
-    idx_bytes,
-    make_cars_layout,
-    make_cub_layout,
-    make_idx_files,
-    make_image_folder,
-    make_sop_layout,
-    write_image,
-)
 from PIL import Image
 
 from das_core.data import (
@@ -40,6 +31,15 @@ from das_core.data.cars import load_cars196
 from das_core.data.cub import class_name, load_cub200
 from das_core.data.folder import load_image_folder
 from das_core.data.sop import category, load_sop
+from fixtures import (
+    idx_bytes,
+    make_cars_layout,
+    make_cub_layout,
+    make_idx_files,
+    make_image_folder,
+    make_sop_layout,
+    write_image,
+)
 
 # --------------------------------------------------------------------------------------------
 # helpers
