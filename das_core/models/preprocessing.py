@@ -107,7 +107,8 @@ class Preprocessing:
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
-        return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(self.mean), list(self.std))
+        out: torch.Tensor = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(self.mean), list(self.std))
+        return out
 
     def eval_batch(self, x: torch.Tensor) -> torch.Tensor:
         """``eval_transform`` applied to a uint8 batch ``(B, C, H, W)`` at once (same functional
