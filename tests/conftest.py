@@ -4,6 +4,7 @@ caches in temporary folders, and one small trained digits run reused across test
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
 
 
-@pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Runs and the app's caches never touch the repository's runs/ or .cache/."""
-    base = tmp_path_factory.getbasetemp()
-    monkeypatch.setenv("DAS_RUNS_DIR", str(base / "runs"))
-    monkeypatch.setenv("DAS_CACHE_DIR", str(base / "cache"))
+# Runs and the app's caches never touch the repository's runs/ or .cache/: one temporary
+# folder for the whole session (set at import, so module- and session-scoped fixtures see it).
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="das-explorer-tests-"))
+os.environ["DAS_RUNS_DIR"] = str(_SESSION_DIR / "runs")
+os.environ["DAS_CACHE_DIR"] = str(_SESSION_DIR / "cache")
 
 
 QUICK_DIGITS = [

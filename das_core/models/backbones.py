@@ -31,8 +31,9 @@ class Backbone(nn.Module):
 
 
 class SmallCNN(Backbone):
-    """Three conv blocks (32-64-128 channels) and global average pooling: about 100k
-    parameters, a few minutes per Fashion-MNIST run on two CPU cores."""
+    """Three conv blocks (32-64-128 channels, 3x3, BatchNorm, ReLU; max-pooling after the
+    first two) and global average pooling: about 110k parameters and 5 MMAC per 28x28
+    image, so a Fashion-MNIST epoch takes well under a minute on two CPU cores."""
 
     def __init__(self, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
@@ -47,7 +48,6 @@ class SmallCNN(Backbone):
             *block(w, 2 * w),
             nn.MaxPool2d(2),
             *block(2 * w, 4 * w),
-            *block(4 * w, 4 * w),
         )
         self.out_features = 4 * w
         self.preprocessing = Preprocessing(

@@ -1,0 +1,76 @@
+"""Image thumbnails on hover over Plotly maps.
+
+Plotly's hover labels cannot show images, and Streamlit sends no hover events to Python. This
+small ``st.components.v2`` component runs in the page, finds the Plotly graphs whose layout
+carries ``meta.thumbs`` (sprite-sheet geometry from ``das_core.thumbs``), and on
+``plotly_hover`` shows the hovered item's thumbnail, cut out of a sprite sheet served by
+Streamlit's static file server, with its label and index. ``customdata[0]`` of a point is the
+item's index in the split (produced points carry their anchor's index).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+_JS = r"""
+export default function(component) {
+  const doc = document;
+  let tip = doc.getElementById('das-thumb-tip');
+  if (!tip) {
+    tip = doc.createElement('div');
+    tip.id = 'das-thumb-tip';
+    tip.setAttribute('data-testid', 'das-thumb-tip');
+    tip.style.cssText = 'position:fixed;pointer-events:none;z-index:100000;display:none;' +
+      'background:#fff;border:1px solid #999;border-radius:4px;padding:4px;box-shadow:0 2px 8px rgba(0,0,0,.25);' +
+      'font:12px sans-serif;color:#222';
+    tip.innerHTML = '<div class="thumb" style="width:112px;height:112px;image-rendering:pixelated;' +
+      'background-repeat:no-repeat;background-color:#000"></div><div class="text" style="max-width:160px"></div>';
+    doc.body.appendChild(tip);
+  }
+  const SHOW = 112;
+  function show(gd, ev) {
+    const m = gd.layout && gd.layout.meta && gd.layout.meta.thumbs;
+    const p = ev.points && ev.points[0];
+    if (!m || !p || p.customdata === undefined || p.customdata === null) return;
+    const cd = Array.isArray(p.customdata) ? p.customdata : [p.customdata];
+    const id = Number(cd[0]);
+    if (!(id >= 0) || id >= m.count) return;
+    const sheet = Math.floor(id / m.per_sheet), cell = id % m.per_sheet;
+    const col = cell % m.per_row, row = Math.floor(cell / m.per_row);
+    const scale = SHOW / m.size;
+    const th = tip.querySelector('.thumb');
+    th.style.backgroundImage = 'url("' + m.base + m.files[sheet] + '")';
+    th.style.backgroundSize = (m.per_row * m.size * scale) + 'px auto';
+    th.style.backgroundPosition = (-col * m.size * scale) + 'px ' + (-row * m.size * scale) + 'px';
+    tip.querySelector('.text').textContent = (cd.length > 1 ? cd[1] : '') + ' · #' + id + (cd.length > 2 && cd[2] ? ' · ' + cd[2] : '');
+    const e = ev.event || {};
+    tip.style.left = ((e.clientX || 0) + 18) + 'px';
+    tip.style.top = ((e.clientY || 0) + 18) + 'px';
+    tip.style.display = 'block';
+  }
+  function attach() {
+    doc.querySelectorAll('.js-plotly-plot').forEach(gd => {
+      if (gd.__dasThumbs || typeof gd.on !== 'function') return;
+      gd.__dasThumbs = true;
+      gd.on('plotly_hover', ev => show(gd, ev));
+      gd.on('plotly_unhover', () => { tip.style.display = 'none'; });
+    });
+  }
+  attach();
+  const obs = new MutationObserver(attach);
+  obs.observe(doc.body, {childList: true, subtree: true});
+  return () => { obs.disconnect(); tip.style.display = 'none'; };
+}
+"""
+
+_component: Any = None
+
+
+def enable_hover_thumbnails(key: str = "das-hover-thumbs") -> None:
+    """Mount the hover-thumbnail behaviour once on the page (it attaches to every map)."""
+    global _component
+    if _component is None:
+        _component = st.components.v2.component("das_hover_thumbnails", js=_JS)
+    _component(key=key, data={})

@@ -1,0 +1,178 @@
+"""Plotly figure builders: rendering only, no computation of what is drawn."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+# A qualitative palette long enough for 20 classes, then repeating with other symbols.
+PALETTE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#393b79", "#e6550d", "#31a354", "#756bb1", "#636363", "#ad494a",
+    "#8ca252", "#bd9e39", "#7b4173", "#3182bd",
+)
+
+
+def class_colour(c: int) -> str:
+    return PALETTE[int(c) % len(PALETTE)]
+
+
+def _base_layout(fig: go.Figure, *, height: int, uirevision: str, thumbs: dict[str, Any] | None) -> go.Figure:
+    fig.update_layout(
+        height=height,
+        margin={"l": 0, "r": 0, "t": 30, "b": 0},
+        legend={"itemsizing": "constant", "orientation": "v"},
+        uirevision=uirevision,  # keep zoom and legend state when the sliders re-produce
+        dragmode="lasso",
+        xaxis={"showticklabels": False, "zeroline": False, "title": None},
+        yaxis={"showticklabels": False, "zeroline": False, "title": None, "scaleanchor": "x"},
+        plot_bgcolor="#fafafa",
+        hovermode="closest",
+    )
+    if thumbs is not None:
+        fig.update_layout(meta={"thumbs": thumbs})
+    return fig
+
+
+def embedding_map(
+    coords: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    ids: np.ndarray,
+    *,
+    produced: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+    anchor_coords: np.ndarray | None = None,
+    show_links: bool = True,
+    highlight: tuple[np.ndarray, str] | None = None,
+    thumbs: dict[str, Any] | None = None,
+    uirevision: str = "map",
+    height: int = 640,
+    title: str | None = None,
+    point_size: float = 4.0,
+) -> go.Figure:
+    """Real points (one WebGL trace per class, ``customdata = [index in split]``), produced
+    points ``(coords, labels, anchor ids, round)`` with their own marker and optional links to
+    their anchors (``anchor_coords`` row-aligned with the produced points), and an optional
+    highlighted point set (``(coords, label)``, e.g. a query)."""
+    fig = go.Figure()
+    for c in np.unique(labels):
+        sel = labels == c
+        fig.add_trace(
+            go.Scattergl(
+                x=coords[sel, 0],
+                y=coords[sel, 1],
+                mode="markers",
+                name=str(class_names[int(c)]),
+                legendgroup=f"c{int(c)}",
+                marker={"size": point_size, "color": class_colour(int(c)), "opacity": 0.75},
+                customdata=ids[sel].reshape(-1, 1),
+                hovertemplate="%{fullData.name} · #%{customdata[0]}<extra></extra>",
+            )
+        )
+    if produced is not None:
+        p_xy, p_lab, p_anchor, p_round = produced
+        if show_links and anchor_coords is not None and len(p_xy):
+            n = len(p_xy)
+            lx = np.empty(3 * n, dtype=np.float64)
+            ly = np.empty(3 * n, dtype=np.float64)
+            lx[0::3], lx[1::3], lx[2::3] = anchor_coords[:, 0], p_xy[:, 0], np.nan
+            ly[0::3], ly[1::3], ly[2::3] = anchor_coords[:, 1], p_xy[:, 1], np.nan
+            fig.add_trace(
+                go.Scattergl(
+                    x=lx, y=ly, mode="lines", name="anchor → produced", hoverinfo="skip",
+                    line={"width": 0.6, "color": "rgba(60,60,60,0.35)"},
+                )
+            )
+        for c in np.unique(p_lab):
+            sel = p_lab == c
+            fig.add_trace(
+                go.Scattergl(
+                    x=p_xy[sel, 0],
+                    y=p_xy[sel, 1],
+                    mode="markers",
+                    name=f"produced · {class_names[int(c)]}",
+                    legendgroup=f"c{int(c)}",
+                    marker={
+                        "size": point_size + 4,
+                        "color": class_colour(int(c)),
+                        "symbol": "x-thin-open",
+                        "line": {"width": 1.5, "color": class_colour(int(c))},
+                    },
+                    customdata=np.stack([p_anchor[sel], p_round[sel]], axis=1),
+                    hovertemplate=(
+                        "produced, round %{customdata[1]} · anchor #%{customdata[0]}<extra>%{fullData.name}</extra>"
+                    ),
+                )
+            )
+    if highlight is not None:
+        h_xy, h_name = highlight
+        fig.add_trace(
+            go.Scatter(
+                x=h_xy[:, 0], y=h_xy[:, 1], mode="markers", name=h_name,
+                marker={"size": 18, "symbol": "star", "color": "gold", "line": {"width": 1.5, "color": "black"}},
+                hovertemplate=f"{h_name}<extra></extra>",
+            )
+        )
+    if title:
+        fig.update_layout(title={"text": title, "font": {"size": 14}})
+    return _base_layout(fig, height=height, uirevision=uirevision, thumbs=thumbs)
+
+
+def heatmap(
+    z: np.ndarray,
+    *,
+    x_title: str,
+    y_labels: Sequence[str],
+    colorscale: str = "Viridis",
+    marks: np.ndarray | None = None,
+    mark_name: str = "mask",
+    height: int = 360,
+    zmid: float | None = None,
+    colorbar_title: str = "",
+) -> go.Figure:
+    """A heatmap (rows = ``y_labels``) with optional marked cells (bool array of z's shape)."""
+    fig = go.Figure(
+        go.Heatmap(
+            z=z, y=list(y_labels), colorscale=colorscale, zmid=zmid,
+            colorbar={"title": colorbar_title},
+            hovertemplate="%{y} · dim %{x}: %{z}<extra></extra>",
+        )
+    )
+    if marks is not None and marks.any():
+        r, c = np.nonzero(marks)
+        fig.add_trace(
+            go.Scatter(
+                x=c, y=[y_labels[i] for i in r], mode="markers", name=mark_name,
+                marker={"symbol": "square-open", "size": 9, "color": "red", "line": {"width": 2}},
+                hovertemplate="%{y} · dim %{x} (in the mask)<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        height=height, margin={"l": 0, "r": 0, "t": 10, "b": 0}, xaxis_title=x_title,
+        legend={"orientation": "h", "y": 1.08},
+    )
+    return fig
+
+
+def curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, y_title: str, height: int = 320,
+           percent: bool = False) -> go.Figure:
+    """Line chart of named ``(x, y)`` series (epochs on x)."""
+    fig = go.Figure()
+    for name, (x, y) in series.items():
+        ys = [100 * v for v in y] if percent else list(y)
+        fig.add_trace(go.Scatter(x=list(x), y=ys, mode="lines+markers", name=name))
+    fig.update_layout(
+        height=height, margin={"l": 0, "r": 0, "t": 10, "b": 0}, xaxis_title="epoch",
+        yaxis_title=y_title + (" (%)" if percent else ""), legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
+
+
+def bars(names: Sequence[str], values: Sequence[float], *, y_title: str, height: int = 260,
+         colours: Sequence[str] | None = None) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(names), y=list(values), marker_color=list(colours) if colours else None))
+    fig.update_layout(height=height, margin={"l": 0, "r": 0, "t": 10, "b": 0}, yaxis_title=y_title)
+    return fig

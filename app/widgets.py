@@ -1,0 +1,103 @@
+"""Widgets shared by the pages: the checkpoint picker, the split picker, and the error guard
+that turns every failure into a message on the page (never a traceback)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import streamlit as st
+
+from app import state
+
+if TYPE_CHECKING:
+    from das_core.checkpoint import Checkpoint
+
+log = logging.getLogger("das_explorer.app")
+
+# Streamlit's control-flow exceptions must pass through the guard untouched.
+_STREAMLIT_FLOW = ("StopException", "RerunException")
+
+
+@contextlib.contextmanager
+def guard(what: str) -> Iterator[None]:
+    """Run a block; a user error (bad data, checkpoint, image, config) or any other failure
+    becomes one clear message on the page and stops the script there."""
+    from das_core.errors import USER_ERRORS
+
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__name__ in _STREAMLIT_FLOW:
+            raise
+        if isinstance(exc, USER_ERRORS):
+            st.error(f"**{what}**: {exc}")
+        elif isinstance(exc, FileNotFoundError | PermissionError):
+            st.error(f"**{what}**: {exc.strerror or exc}: {exc.filename}. Was it moved or deleted?")
+        else:
+            log.exception("%s failed", what)
+            st.error(f"**{what}** failed: {type(exc).__name__}: {exc}")
+        st.stop()
+
+
+def _upload_box() -> None:
+    from das_core.checkpoint import CheckpointError
+    from das_core.uploads import store_checkpoint_upload
+
+    up = st.file_uploader("Upload a .safetensors checkpoint", type=None, key="ckpt_upload",
+                          help="Only DAS Explorer checkpoints (.safetensors) are kept; pickles are refused.")
+    if up is None or st.session_state.get("ckpt_upload_done") == up.file_id:
+        return
+    st.session_state["ckpt_upload_done"] = up.file_id
+    try:
+        path = store_checkpoint_upload(state.upload_dir(), up.name, up.getvalue())
+    except CheckpointError as exc:
+        st.error(f"Upload refused: {exc}")
+        return
+    st.session_state["ckpt_path"] = str(path)
+    st.success(f"Uploaded {up.name}")
+
+
+def checkpoint_picker(key: str = "ckpt_path", label: str = "Checkpoint", *, sidebar: bool = True,
+                      upload: bool = True) -> Checkpoint:
+    """Pick a checkpoint (demo, run, upload) and return it loaded; stops the page with a message
+    when there is none or it cannot be read (e.g. a run folder deleted under the app's feet)."""
+    where = st.sidebar if sidebar else st.container()
+    with where:
+        if upload:
+            with st.expander("Upload a checkpoint"):
+                _upload_box()
+        choices = state.checkpoint_choices()
+        if not choices:
+            st.warning("No checkpoint yet: run `make demo-model`, or train one on the Train page.")
+            st.stop()
+        paths = [c.path for c in choices]
+        current = st.session_state.get(key)
+        if current not in paths:
+            if current is not None:
+                st.warning("The checkpoint chosen before is gone (moved or deleted); back to the first one.")
+            st.session_state[key] = paths[0]
+        labels = {c.path: c.label for c in choices}
+        path = st.selectbox(label, paths, key=key, format_func=lambda p: labels.get(p, p))
+    with guard(f"Opening {labels.get(path, path)}"):
+        return state.load_checkpoint(path)
+
+
+def split_picker(ckpt: Checkpoint, key: str = "split", *, default: str = "train", sidebar: bool = True) -> str:
+    avail = state.splits(ckpt).available()
+    names = {"train": "train (training classes)", "val": "validation", "test": "test (unseen classes)"}
+    where = st.sidebar if sidebar else st.container()
+    if st.session_state.get(key) not in avail:
+        st.session_state[key] = default if default in avail else avail[0]
+    return str(where.radio("Split", avail, key=key, format_func=lambda s: names.get(s, s), horizontal=True))
+
+
+def checkpoint_caption(ckpt: Checkpoint) -> str:
+    c = ckpt.config
+    das = "DAS on" if c.das else "no DAS"
+    test = ckpt.metrics.get("test", {}) if isinstance(ckpt.metrics, dict) else {}
+    r1 = f", test R@1 {100 * test['R@1']:.1f}%" if "R@1" in test else ""
+    return (f"{ckpt.dataset} · {c.backbone} {c.embedding_dim}-d · {c.loss} / {c.miner} · {das} · "
+            f"epoch {ckpt.epoch}{r1}")
