@@ -91,7 +91,8 @@ def produce_and_draw() -> None:
         with widgets.guard("Measuring the produced points"):
             gap = gap_fill(es.embeddings, es.labels, produced, p_lab, anchors=anchors,
                            reference=state.gap_reference(ckpt, es, anchors))
-            hon = produced_honesty(es.embeddings, es.labels, produced, p_lab, anchors=anchors)
+            hon = produced_honesty(es.embeddings, es.labels, produced, p_lab, produced_from=p_anchor,
+                                   anchors=anchors)
         m1, m2, m3 = st.columns(3)
         m1.metric("Gap fill", f"{100 * gap['overall']:.1f} %",
                   help="How much closer the produced points come to the midpoints between each anchor and its "

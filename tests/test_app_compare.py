@@ -1,0 +1,91 @@
+"""The Compare page through AppTest: the runs table with the digits run's metrics, its curves,
+the benchmark section, and two checkpoints' maps (aligned, what moved; refused across datasets)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from das_core import reports
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = "app/pages/compare.py"
+
+
+def fake_checkpoint(src: Path, dst: Path, **config: Any) -> Path:
+    """A copy of checkpoint ``src`` at ``dst`` whose config says otherwise (another dataset)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    cfg = {**json.loads(meta["config"]), **config}
+    meta["config"], meta["dataset"] = json.dumps(cfg), cfg["dataset"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_run: Path) -> Path:
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "digits").symlink_to(digits_run, target_is_directory=True)
+    monkeypatch.setenv("DAS_RUNS_DIR", str(root))
+    return root
+
+
+def frame(at: AppTest, column: str) -> Any:
+    """The (first) dataframe on the page with ``column``."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def page(**state: Any) -> AppTest:
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120)
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at.switch_page(PAGE)
+
+
+def test_runs_table_lists_the_digits_run_with_its_metrics(runs_root: Path, digits_run: Path) -> None:
+    ckpt = str(runs_root / "digits" / "best.safetensors")
+    at = page(compare_ckpt_a=ckpt, compare_ckpt_b=ckpt).run()
+    assert not at.exception and not at.error
+    table = frame(at, "name")
+    row = table[table["name"] == "digits"].iloc[0]
+    summary = json.loads((digits_run / "summary.json").read_text())
+    for m in reports.METRICS:
+        assert row[m] == pytest.approx(summary["last"]["test"][m])
+        assert row[f"sel. {m}"] == pytest.approx(summary["selected"]["test"][m])
+    assert bool(row["DAS"]) and row["dataset"] == "digits" and row["loss"] == "triplet" and row["seed"] == 3
+    assert row["epochs"] == 2 and row["selected epoch"] == summary["selected_epoch"]
+    assert "digits" in at.multiselect(key="compare_runs").value
+    assert len(at.get("plotly_chart")) == 2  # R@1 and loss per epoch
+    bench = reports.bench_summary(REPO / "bench" / "results")
+    shown = sum(d is not None for d in (bench["das"], bench["step"]))
+    assert sum(("variant" in d.value.columns) or ("plain step (ms)" in d.value.columns) for d in at.dataframe) == shown
+    assert len(bench["missing"]) == sum("bench" in i.value for i in at.info)
+
+
+def test_two_maps_aligned_and_other_datasets_refused(runs_root: Path, digits_run: Path) -> None:
+    shutil.copytree(digits_run, runs_root / "digits-copy")
+    a = str(runs_root / "digits" / "best.safetensors")
+    b = str(runs_root / "digits-copy" / "best.safetensors")
+    other = str(fake_checkpoint(Path(a), runs_root / "fashion" / "best.safetensors", dataset="fashion-mnist"))
+    at = page(compare_ckpt_a=a, compare_ckpt_b=other).run()
+    assert not at.exception and not at.error
+    assert any("different datasets" in w.value for w in at.warning)
+    at.selectbox(key="compare_ckpt_b").set_value(b).run()
+    assert not at.exception and not at.error and not at.warning
+    at.toggle(key="compare_draw").set_value(True).run()
+    assert not at.exception and not at.error
+    moved = frame(at, "rank")
+    assert len(moved) == 20 and list(moved["rank"]) == list(range(1, 21))
+    assert set(moved["class"]) <= {str(c) for c in range(5, 10)}
+    assert len(at.get("plotly_chart")) == 4  # the two curves and the two maps
