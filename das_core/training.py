@@ -28,6 +28,14 @@ from das_core.checkpoint import save_checkpoint
 from das_core.config import TrainConfig, dump_config, load_config_file
 from das_core.data import ArrayDataset, DatasetSplits, DMLDataset, MPerClassBatchSampler, load_splits
 from das_core.data.base import uint8_batch
+from das_core.distributed import (
+    barrier,
+    context_from_env,
+    device_for,
+    gather_batch,
+    init_distributed,
+    shutdown,
+)
 from das_core.embed import auto_workers, embed_dataset, resolve_device
 from das_core.io import append_jsonl, atomic_write, atomic_write_json, read_jsonl, truncate_jsonl
 from das_core.losses import Criterion, build_criterion
@@ -197,7 +205,10 @@ def train(
             f"{out} already holds a run; pass --resume to continue it or choose another --out (nothing was changed)"
         )
 
-    device = resolve_device(cfg.device)
+    ctx = context_from_env()
+    device = device_for(ctx, resolve_device(cfg.device))
+    init_distributed(ctx, device)
+    main = ctx.is_main  # only rank 0 writes files and evaluates
     torch.manual_seed(cfg.seed)
 
     # Data first: a wrong layout or an impossible batch is refused before any model is built.
@@ -220,11 +231,19 @@ def train(
         cfg.samples_per_class,
         num_batches=cfg.steps_per_epoch,
         seed=cfg.seed,
+        rank=ctx.rank,
     )
 
     model = build_model(cfg).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net: torch.nn.Module = model  # what the loop calls: DDP-wrapped under torchrun
+    if ctx.enabled and device.type == "cuda":
+        # BatchNorm statistics over the global batch, as one process would compute them
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
+        net = model
+    if ctx.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     criterion = build_criterion(cfg, splits.train.num_classes).to(device)
     optimizer = _optimizer(cfg, model, criterion)
     use_amp = cfg.amp and device.type == "cuda"
@@ -232,7 +251,9 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
 
     n_params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in criterion.parameters())
-    _check_output_dir(out, need_bytes=n_params * 4 * 6 + 20_000_000)
+    if main:
+        _check_output_dir(out, need_bytes=n_params * 4 * 6 + 20_000_000)
+    barrier(ctx)
 
     start_epoch = 1
     best_value = -math.inf
@@ -247,20 +268,24 @@ def train(
         start_epoch = int(info["epoch"]) + 1
         best_value = float(info.get("best_value", -math.inf))
         selected_epoch = info.get("selected_epoch")
-        truncate_jsonl(out / METRICS, lambda r: int(r.get("epoch", 0)) < start_epoch)
+        if main:
+            truncate_jsonl(out / METRICS, lambda r: int(r.get("epoch", 0)) < start_epoch)
         log.info("resuming %s after epoch %d", out, start_epoch - 1)
-    elif not resume:
+    elif not resume and main:
         (out / METRICS).unlink(missing_ok=True)
-    dump_config(cfg, out / CONFIG)
+    if main:
+        dump_config(cfg, out / CONFIG)
+    barrier(ctx)
 
-    loader = make_train_batches(splits.train, model.preprocessing, sampler, device, num_workers)
+    augment = torch.Generator(device=device)
+    loader = make_train_batches(splits.train, model.preprocessing, sampler, device, num_workers, augment)
     steps = len(sampler)
-    emit = on_event or (lambda event: None)
+    emit = (on_event or (lambda event: None)) if main else (lambda event: None)
     started = time.time()
     history = read_jsonl(out / METRICS)
     emit({"event": "start", "out": str(out), "device": str(device), "epochs": cfg.epochs, "steps": steps})
     log.info(
-        "training %s on %s: %d train images / %d classes, %d steps per epoch, %d epochs, device %s",
+        "training %s on %s: %d train images / %d classes, %d steps per epoch, %d epochs, device %s%s",
         cfg.loss,
         splits.name,
         len(splits.train),
@@ -268,10 +293,14 @@ def train(
         steps,
         cfg.epochs,
         device,
+        f", rank {ctx.rank} of {ctx.world_size} (global batch {ctx.world_size * cfg.batch_size})" if ctx.enabled else "",
     )
 
     for epoch in range(start_epoch, cfg.epochs + 1):
+        # The global RNG (DAS draws, miners) is the same on every rank; augmentation draws
+        # from a generator of its own, different per rank.
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        augment.manual_seed(epoch_seed(cfg.seed, epoch) + ctx.rank)
         sampler.set_epoch(epoch)
         model.train()
         criterion.train()
@@ -284,8 +313,9 @@ def train(
             if device.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                emb = model(x)
-            loss = criterion(emb.float(), y)
+                emb = net(x)
+            emb, y = gather_batch(ctx, emb.float(), y)  # the global batch on every rank
+            loss = criterion(emb, y)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -323,7 +353,8 @@ def train(
                     "device": str(device),
                     "updated": now,
                 }
-                atomic_write_json(out / PROGRESS, progress)
+                if main:
+                    atomic_write_json(out / PROGRESS, progress)
                 emit({"event": "step", **progress})
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
@@ -334,6 +365,9 @@ def train(
         train_loss = float(loss_sum) / max(1, steps)
 
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "time": time.time() - epoch_start}
+        if not main:  # rank 0 evaluates and writes; the others wait for it
+            barrier(ctx)
+            continue
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             atomic_write_json(out / PROGRESS, {**_read_progress(out), "state": "evaluating", "updated": time.time()})
             for name, split in (("val", splits.val), ("test", splits.test)):
@@ -367,8 +401,12 @@ def train(
             scaler,
             {"epoch": epoch, "best_value": best_value, "selected_epoch": selected_epoch},
         )
+        barrier(ctx)
 
     last = history[-1] if history else {}
+    if not main:
+        shutdown(ctx)
+        return TrainResult(out_dir=out, last=last, selected_epoch=selected_epoch, history=history)
     summary = {
         "last_epoch": last.get("epoch"),
         "last": last,
@@ -382,6 +420,7 @@ def train(
     atomic_write_json(out / SUMMARY, summary)
     atomic_write_json(out / PROGRESS, {**_read_progress(out), "state": "done", "updated": time.time()})
     emit({"event": "done", "out": str(out)})
+    shutdown(ctx)
     return TrainResult(out_dir=out, last=last, selected_epoch=selected_epoch, history=history)
 
 
@@ -391,6 +430,7 @@ def make_train_batches(
     sampler: MPerClassBatchSampler,
     device: torch.device,
     num_workers: int,
+    augment: torch.Generator | None = None,
 ) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """An iterator factory of augmented ``(images, labels)`` batches on ``device``.
 
@@ -406,7 +446,7 @@ def make_train_batches(
             for idx in sampler:
                 index = torch.as_tensor(idx)
                 x = uint8_batch(dataset, idx).to(device, non_blocking=True)
-                yield prep.train_batch(x), labels[index].to(device, non_blocking=True)
+                yield prep.train_batch(x, augment), labels[index].to(device, non_blocking=True)
 
         return in_memory
     loader = torch.utils.data.DataLoader(

@@ -40,6 +40,7 @@ class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
         *,
         num_batches: int | None = None,
         seed: int = 0,
+        rank: int = 0,
     ) -> None:
         labels = np.asarray(labels, dtype=np.int64)
         if samples_per_class < 1:
@@ -78,6 +79,7 @@ class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.members = np.split(order, np.searchsorted(labels[order], self.classes[1:]))
         self.num_batches = num_batches if num_batches is not None else max(1, len(labels) // batch_size)
         self.seed = seed
+        self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -87,7 +89,9 @@ class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+        # Each rank of a distributed run draws its own batches (rank 0 as a single process does).
+        key = [self.seed, self.epoch] if self.rank == 0 else [self.seed, self.epoch, self.rank]
+        rng = np.random.default_rng(key)
         for _ in range(self.num_batches):
             chosen = rng.choice(len(self.classes), size=self.classes_per_batch, replace=False)
             batch: list[int] = []
