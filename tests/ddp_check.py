@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from das_core.distributed import context_from_env, gather_batch, init_distributed, shutdown  # noqa: E402
+from das_core.distributed import context_from_env, gather_batch, init_distributed, shutdown
 
 
 def setup(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:

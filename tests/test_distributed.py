@@ -32,6 +32,7 @@ def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProces
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from ddp_check import setup, train_steps
+
     from das_core.distributed import DistContext
 
     proc = _torchrun([str(REPO / "tests" / "ddp_check.py"), str(tmp_path)])

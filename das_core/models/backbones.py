@@ -31,11 +31,12 @@ class Backbone(nn.Module):
 
 
 class SmallCNN(Backbone):
-    """Three conv blocks (32-64-128 channels, 3x3, BatchNorm, ReLU; max-pooling after the
-    first two) and global average pooling: about 110k parameters and 5 MMAC per 28x28
-    image, so a Fashion-MNIST epoch takes well under a minute on two CPU cores."""
+    """Three conv blocks (24-48-96 channels, 3x3, BatchNorm, ReLU; max-pooling after the
+    first two) and global average pooling: about 53k parameters and 4 MMAC per 28x28
+    image, so a Fashion-MNIST epoch takes about half a minute on two CPU cores and the
+    35,000 test images embed in seconds."""
 
-    def __init__(self, in_channels: int = 1, width: int = 32) -> None:
+    def __init__(self, in_channels: int = 1, width: int = 24) -> None:
         super().__init__()
         w = width
 
