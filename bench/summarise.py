@@ -1,0 +1,100 @@
+"""Turn bench/results/*.json into the README's speed table (every figure a ratio against a
+reference measured in the same run, or a size/time against the issue's target)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from common import RESULTS
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _yes(ok: bool | None) -> str:
+    return "—" if ok is None else ("yes" if ok else "**no**")
+
+
+def speed_table(machine: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str, str]] = []
+    d = _load("das_forward")
+    if d:
+        case = d["cases"][0]
+        rows.append((
+            "DAS forward, B=112, d=512, C=100, T=3 (CPU)",
+            f"{1e3 * case['median_cpu_s']['das_forward']:.2f} ms vs {1e3 * case['median_cpu_s']['reference_forward']:.1f} ms "
+            f"per-sample loop port: **{d['headline_speedup_cpu_time']:.0f}×** (CPU time; {d['headline_speedup']:.0f}× wall)",
+            "≥ 15×", _yes(d.get("passed")),
+        ))
+    s = _load("das_step")
+    if s:
+        pml = next((r for r in s["rows"] if r["miner"] == "pml-semi-hard"), None)
+        rows.append((
+            "training step with DAS / without (small CNN, batch 100)",
+            f"worst of our miners **{s['worst_ratio_ours']:.2f}×**"
+            + (f" (PML's off-the-shelf semi-hard miner: {pml['ratio']:.2f}×)" if pml else ""),
+            "≤ 1.5×", _yes(s.get("passed")),
+        ))
+    e = _load("evaluation")
+    if e:
+        rows.append((
+            "`evaluate_embeddings`, 60,000 × 512, ~11k classes (SOP-like)",
+            f"{e['ours']['seconds']:.0f} s vs PML AccuracyCalculator {e['pml_accuracy_calculator']['seconds']:.0f} s: "
+            f"**{e['speedup']:.2f}×**, same values; peak {e['peak_memory']['peak_gib']:.2f} GiB",
+            "≥ 1.5×, < 3 GB", _yes(e["speedup"] >= 1.5 and e["peak_memory"]["peak_gib"] < 3),
+        ))
+    i = _load("index")
+    if i:
+        ex, ap = i["exact"], i["approximate"]
+        ivf = ap["ivf"]
+        rows.append(("single-query search, exact, 100k × 512", f"{ex['latency_ms']:.1f} ms", "—", "—"))
+        rows.append((
+            "single-query search, IVF, 1M × 128",
+            f"{ivf['latency_ms']:.2f} ms vs exact {ap['exact']['latency_ms']:.1f} ms: **{ivf['speedup_vs_exact']:.0f}×**, "
+            f"recall@10 {ivf['recall@10']:.3f} (nprobe {ivf['params']['nprobe']}, nlist {ivf['params']['nlist']})",
+            "recall ≥ 0.95 at ≥ 10×", _yes(ivf.get("meets_target")),
+        ))
+    p = _load("projection")
+    if p:
+        sizes = ", ".join(f"{z['points'] // 1000}k: {z['fit_map_s']:.1f} s" for z in p["sizes"])
+        worst = min(z["refit_over_place_ratio"] for z in p["sizes"])
+        rows.append(("UMAP map (fit on ≤ 10k, place the rest)", sizes, "—", "—"))
+        rows.append((
+            "placing 1,000 produced points vs refitting",
+            f"**{worst:.0f}×** faster than a refit (or more)", "—", "—",
+        ))
+        sm = p.get("slider_move")
+        if sm:
+            rows.append(("one slider move, 35k-point demo split (server side)", f"{sm['per_move_ms']:.0f} ms", "≤ 1 s",
+                         _yes(sm["per_move_ms"] <= 1000)))
+    a = _load("app")
+    if a:
+        for t in a.get("targets", []):
+            rows.append((t["name"], t["measured"], t["target"], _yes(t.get("met"))))
+    g = _load("gpu")
+    if g:
+        if g.get("skipped"):
+            rows.append(("GPU training throughput (ResNet-50, batch 112)", "not measured: no GPU on this machine",
+                         "≥ 0.8 of fwd+bwd, DAS ≤ 5%", "—"))
+        else:
+            rows.append(("GPU full step / forward+backward alone", f"{g['ratio']:.2f} on {g['device']}", "≥ 0.8",
+                         _yes(g["ratio"] >= 0.8)))
+            rows.append(("DAS share of the GPU step", f"{100 * g['das_share_of_step']:.1f} %", "≤ 5 %",
+                         _yes(g["das_share_of_step"] <= 0.05)))
+    lines = ["| benchmark | result | target | met |", "|---|---|---|---|"]
+    lines += [f"| {a_} | {b} | {c} | {d_} |" for a_, b, c, d_ in rows]
+    lines.append(
+        f"\nMeasured on {machine.get('cpu', '?')} with {machine.get('cores', '?')} cores (shared; load average "
+        f"{machine.get('load_avg_1min', 0):.1f} at the end), {machine.get('date', '')}. Details and the reference runs "
+        "are in `bench/results/*.json`; `make bench` reruns everything."
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from common import machine_info
+
+    print(speed_table(machine_info()))
