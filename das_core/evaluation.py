@@ -20,7 +20,8 @@ pytorch-metric-learning's ``AccuracyCalculator``.
 Nearest neighbours on CPU come from faiss (``IndexFlatL2``, exact) when few are needed, and from
 a chunked torch matmul plus an exact partial sort when many are (MAP@R on classes of thousands);
 on a CUDA device (faiss-cpu has no GPU build) the torch path runs there. k-means uses faiss for
-its assignment step. Nothing of size N x N is ever held in memory.
+its assignment step; ``evaluate_embeddings`` reads its first assignment (each point to the nearest
+seed point) off the kNN lists it has already searched. Nothing of size N x N is held in memory.
 """
 
 from __future__ import annotations
@@ -55,24 +56,27 @@ Backend: TypeAlias = Literal["auto", "faiss", "torch"]
 DeviceLike: TypeAlias = "str | torch.device | None"
 
 # Where the CPU kNN switches from faiss to the torch-matmul + numpy partial-sort path.
-# Measured on the 2-core AMD EPYC dev box (35,000 x 128 queries = gallery, 2 threads; see
-# bench/bench_evaluation.py --knn-paths):
-#   k        faiss IndexFlatL2.search   torch mm + partition/sort   torch mm + torch.topk
-#   32            ~3 s                       ~5 s                        ~9 s
-#   256           ~4 s                       ~5 s
-#   1,000        ~12 s                       ~6 s                       ~30 s
-#   7,000        >60 s                       ~9 s                       ~50 s
-# faiss keeps a per-query heap/reservoir that gets slow for large k, torch.topk on CPU is slow
-# at any k, while the numpy path finds the k-th distance with an O(N) introselect, keeps the
-# <= k candidates and sorts only those (packed distance|index int64 keys: vectorised sort,
-# ties broken by index). So faiss serves the usual R@k / small-class case and the numpy path
-# the large-R case (Fashion-MNIST-like classes of 7,000 items). Both are exact.
-FAISS_MAX_K = 256
+# Measured with `python bench/bench_evaluation.py --knn-paths` on the 2-core AMD EPYC dev box
+# (Fashion-like 35,000 x 128 set against itself, 2 threads; seconds for all 35,000 queries,
+# extrapolated from 2,000; bench/results/evaluation_knn_paths.json):
+#   k       faiss IndexFlatL2.search   torch mm + numpy partition/sort   torch mm + torch.topk
+#   32              3.8                          7.2                             24.1
+#   256             5.2                          5.7                             20.9
+#   512             5.5                          6.0                             22.8
+#   1,000           9.8                          6.8                             26.7
+#   7,000          43.3                         12.1                             33.5
+# faiss's per-query heap / reservoir gets slow for large k and torch.topk on CPU is slow at any
+# k, while the numpy path costs about the same for any k: an O(N) introselect finds each row's
+# k-th distance, and only the <= k candidates are sorted (packed distance|index int64 keys:
+# vectorised sort, ties broken by index). So faiss serves R@k and small classes, the numpy path
+# MAP@R / RP on large classes (Fashion-MNIST-like, R = 6,999). Both are exact.
+FAISS_MAX_K = 512
 
 _DENSE_CHUNK_BYTES = 256 * 2**20  # working memory of one dense chunk (distances + selection)
 _FAISS_CHUNK = 8192  # queries per faiss search call (faiss tiles internally; output is small)
 _INT64_MAX = np.iinfo(np.int64).max
 _LOW32 = 0xFFFFFFFF
+_MAX_POINTS_PER_CENTROID = 256  # k-means trains on at most this many rows per cluster (faiss's default)
 _SPLIT_EPS = 1.0 / 1024.0  # faiss's perturbation when it splits a cluster to refill an empty one
 
 # Test hook: run the device (torch.topk) selection on CPU too, so that branch is covered
@@ -373,11 +377,34 @@ def knn_indices(
 # --------------------------------------------------------------------------- clustering
 
 
-def _nearest_centroid(x: FloatArray, centroids: FloatArray) -> IndexArray:
+def _nearest_centroid(x: FloatArray, centroids: FloatArray) -> tuple[FloatArray, IndexArray]:
+    """Squared distance to and id of the nearest centroid of every row (faiss, ties: lower id)."""
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(centroids)
-    _, idx = index.search(x, 1)
-    return idx[:, 0].astype(np.int64)
+    dist, idx = index.search(x, 1)
+    return dist[:, 0], idx[:, 0].astype(np.int64)
+
+
+def _reassign(
+    x: FloatArray, centroids: FloatArray, assign: IndexArray, dist: FloatArray, moved: npt.NDArray[np.bool_]
+) -> tuple[FloatArray, IndexArray]:
+    """Nearest centroid of every row, knowing it was ``assign`` (at ``dist``) before the centroids
+    flagged in ``moved`` changed and the others stayed bit-identical: rows of a moved cluster are
+    searched against all centroids; for the others the old nearest is still the best unmoved one,
+    so only the moved centroids can beat it. A full search when many moved."""
+    ids = np.nonzero(moved)[0]
+    if ids.size == 0:
+        return dist, assign
+    if 3 * ids.size > centroids.shape[0]:
+        return _nearest_centroid(x, centroids)
+    d_moved, i_moved = _nearest_centroid(x, centroids[ids])
+    cand = ids[i_moved]
+    better = (d_moved < dist) | ((d_moved == dist) & (cand < assign))
+    new_dist, new_assign = np.where(better, d_moved, dist), np.where(better, cand, assign)
+    own = np.nonzero(moved[assign])[0]
+    if own.size:
+        new_dist[own], new_assign[own] = _nearest_centroid(x[own], centroids)
+    return new_dist, new_assign
 
 
 def kmeans_labels(
@@ -386,17 +413,19 @@ def kmeans_labels(
     seed: int = 0,
     *,
     niter: int = 20,
-    max_points_per_centroid: int = 256,
+    max_points_per_centroid: int = _MAX_POINTS_PER_CENTROID,
 ) -> IndexArray:
     """Lloyd's k-means; returns the cluster id (0..n_clusters-1) of every row, deterministically.
 
-    Init: ``n_clusters`` distinct rows drawn with ``seed``. Each iteration assigns every point to
-    its nearest centroid (faiss ``IndexFlatL2``, ties to the lower id) and moves each centroid to
-    its points' mean; an empty cluster is refilled by splitting a populated one, as faiss does.
-    At most ``niter`` iterations, stopping early at a fixed point (an assignment that repeats with
-    no empty cluster: more iterations would change nothing). As faiss does, the centroids are
-    trained on at most ``max_points_per_centroid * n_clusters`` seeded random rows; the returned
-    labels always assign every row to the final centroids.
+    Init: ``n_clusters`` distinct rows drawn with ``seed``, and every point assigned to its
+    nearest (faiss ``IndexFlatL2``, ties to the lower id). Each of at most ``niter`` iterations
+    moves each centroid to its points' mean (an empty cluster is refilled by splitting a populated
+    one, as faiss does) and re-assigns every point; it stops early at a fixed point (no point
+    changes cluster and none is empty: more iterations would change nothing). Re-assignment only
+    re-examines what can change: when few centroids moved, points compare their distance to
+    their unmoved centroid with the moved ones only. As faiss does, the centroids are trained on
+    at most ``max_points_per_centroid * n_clusters`` seeded random rows; the returned labels
+    always assign every row to the final centroids.
     """
     arr = _as_embeddings(x, "x")
     n = arr.shape[0]
@@ -413,49 +442,84 @@ def kmeans_labels(
         return np.zeros(n, dtype=np.int64)
     if n_clusters == n:
         return np.arange(n, dtype=np.int64)
+    rng, train, seeds = _kmeans_plan(n, n_clusters, seed, max_points_per_centroid)
+    xt = arr if train is None else arr[train]
+    centroids = xt[seeds].copy()
+    _, assign = _nearest_centroid(xt, centroids)
+    centroids, assign = _lloyd(xt, centroids, assign, rng, niter)
+    return assign if train is None else _nearest_centroid(arr, centroids)[1]
+
+
+def _kmeans_plan(
+    n: int, n_clusters: int, seed: int, max_points_per_centroid: int
+) -> tuple[np.random.Generator, IndexArray | None, IndexArray]:
+    """The seeded draws of kmeans_labels: (rng to go on with, training rows or None for all,
+    seed rows within the training rows, ascending, so centroid ids follow row order)."""
     rng = np.random.default_rng(seed)
-    subsampled = n > max_points_per_centroid * n_clusters
-    xt = (
-        arr[np.sort(rng.choice(n, max_points_per_centroid * n_clusters, replace=False))]
-        if subsampled
-        else arr
-    )
-    centroids = xt[np.sort(rng.choice(xt.shape[0], n_clusters, replace=False))].copy()
-    prev: IndexArray | None = None
+    train = None
+    if n > max_points_per_centroid * n_clusters:
+        train = np.sort(rng.choice(n, max_points_per_centroid * n_clusters, replace=False))
+    n_train = n if train is None else train.shape[0]
+    return rng, train, np.sort(rng.choice(n_train, n_clusters, replace=False))
+
+
+def _lloyd(
+    x: FloatArray, centroids: FloatArray, assign: IndexArray, rng: np.random.Generator, niter: int
+) -> tuple[FloatArray, IndexArray]:
+    """At most ``niter`` Lloyd iterations from centroids and the matching nearest-centroid
+    assignment; stops at a fixed point. Returns the final centroids and assignment."""
+    n_clusters = centroids.shape[0]
+    dist: FloatArray | None = None
+    # stale: centroids that may differ from their members' mean (all seeds at first)
+    stale = np.ones(n_clusters, dtype=bool)
     for _ in range(niter):
-        assign = _nearest_centroid(xt, centroids)
         counts = np.bincount(assign, minlength=n_clusters)
-        if prev is not None and counts.all() and np.array_equal(assign, prev):
-            return _nearest_centroid(arr, centroids) if subsampled else assign
-        centroids = _update_centroids(xt, assign, counts, centroids)
+        moved = stale.copy()
+        centroids = _update_centroids(x, assign, counts, centroids, stale)
+        stale[:] = False
         if not counts.all():
-            _split_clusters(centroids, counts, rng)
-        prev = assign
-    return _nearest_centroid(arr, centroids)
+            touched = _split_clusters(centroids, counts, rng)
+            moved[touched] = stale[touched] = True  # copies of a centroid, not means
+        if dist is None:  # first iteration: every centroid moved
+            dist_new, assign_new = _nearest_centroid(x, centroids)
+        else:
+            dist_new, assign_new = _reassign(x, centroids, assign, dist, moved)
+        changed = np.nonzero(assign_new != assign)[0]
+        if changed.size == 0 and counts.all():
+            break  # fixed point: every centroid is its members' mean and nobody moves
+        stale[assign[changed]] = stale[assign_new[changed]] = True
+        assign, dist = assign_new, dist_new
+    return centroids, assign
 
 
-def _update_centroids(x: FloatArray, assign: IndexArray, counts: IndexArray, old: FloatArray) -> FloatArray:
-    """Mean of each non-empty cluster (float64 sums); empty clusters keep their old centroid."""
-    order = np.argsort(assign, kind="stable")
-    filled = np.nonzero(counts)[0]
-    starts = (np.cumsum(counts) - counts)[filled]
-    sums = np.add.reduceat(x[order], starts, axis=0, dtype=np.float64)
+def _update_centroids(
+    x: FloatArray, assign: IndexArray, counts: IndexArray, old: FloatArray, which: npt.NDArray[np.bool_]
+) -> FloatArray:
+    """Mean (float64 sums) of each non-empty cluster flagged in ``which``; the others keep their
+    old centroid bit for bit."""
+    rows = np.nonzero(which[assign])[0]
+    rows = rows[np.argsort(assign[rows], kind="stable")]
+    filled = np.nonzero(which & (counts > 0))[0]
+    starts = np.concatenate([[0], np.cumsum(counts[filled])[:-1]])
+    sums = np.add.reduceat(x[rows], starts, axis=0, dtype=np.float64) if filled.size else None
     out = old.copy()
-    out[filled] = (sums / counts[filled, None]).astype(np.float32)
+    if sums is not None:
+        out[filled] = (sums / counts[filled, None]).astype(np.float32)
     return out
 
 
-def _split_clusters(centroids: FloatArray, counts: IndexArray, rng: np.random.Generator) -> None:
+def _split_clusters(centroids: FloatArray, counts: IndexArray, rng: np.random.Generator) -> IndexArray:
     """Refill each empty cluster by splitting a cluster drawn with probability proportional to
     (size - 1): both get its centroid, nudged by +-1/1024 per coordinate in opposite directions
-    (faiss's rule). In place."""
+    (faiss's rule). In place; returns the ids of the centroids it changed."""
     empty = np.nonzero(counts == 0)[0]
     weights = np.maximum(counts - 1, 0).astype(np.float64)
     if weights.sum() == 0:
-        return
+        return np.zeros(0, dtype=np.int64)
     donors = rng.choice(counts.shape[0], size=empty.shape[0], p=weights / weights.sum())
     nudge = np.where(np.arange(centroids.shape[1]) % 2 == 0, _SPLIT_EPS, -_SPLIT_EPS).astype(np.float32)
     counts = counts.copy()
+    touched: list[int] = []
     for ci, cj in zip(empty, donors, strict=True):
         if counts[cj] < 2:
             continue  # drained by earlier splits this round; the next iteration retries
@@ -463,6 +527,8 @@ def _split_clusters(centroids: FloatArray, counts: IndexArray, rng: np.random.Ge
         centroids[cj] = centroids[cj] * (1 - nudge)
         counts[ci] = counts[cj] // 2
         counts[cj] -= counts[ci]
+        touched += [int(ci), int(cj)]
+    return np.array(touched, dtype=np.int64)
 
 
 def pair_f1(labels: ArrayInput, clusters: ArrayInput) -> float:
@@ -498,6 +564,60 @@ def nmi(labels: ArrayInput, clusters: ArrayInput) -> float:
 
 
 # --------------------------------------------------------------------------- the metrics
+
+
+class _KnnSeeding:
+    """kmeans_labels(x, n_clusters, seed) for evaluate_embeddings, with its first assignment
+    (every point to its nearest seed point) read off the kNN lists already searched.
+
+    The seeds are data rows (ids ascending with the row index) and the lists are exact top-k by
+    (distance, index), so the first seed in a point's list is its nearest seed, and a seed row is
+    its own. Rows with no seed in their list, a near-tie between seeds, or never searched (lone
+    queries) are searched against the seeds as kmeans_labels does. Only used when kmeans_labels
+    would train on every row (no subsampling).
+    """
+
+    def __init__(self, x: FloatArray, n_clusters: int, seed: int) -> None:
+        self.x = x
+        self.n_clusters = n_clusters
+        n = x.shape[0]
+        self.rng, train, self.seeds = _kmeans_plan(n, n_clusters, seed, _MAX_POINTS_PER_CENTROID)
+        self.active = train is None
+        self.centroid_of = np.full(n, -1, dtype=np.int64)  # seed row -> centroid id
+        self.centroid_of[self.seeds] = np.arange(n_clusters)
+        self.first = np.full(n, -1, dtype=np.int64)  # nearest seed's centroid id; -1: unknown
+
+    def observe(self, rows: IndexArray, dist2: FloatArray, nbr: IndexArray) -> None:
+        """Record the nearest seed of each searched row from its neighbours (nearest first)."""
+        if not self.active:
+            return
+        ar = np.arange(rows.shape[0])
+        cid = self.centroid_of[nbr]  # (B, K), -1 for non-seeds
+        is_seed = cid >= 0
+        has = is_seed.any(axis=1)
+        col = is_seed.argmax(axis=1)
+        found = cid[ar, col]
+        # Near-ties are left to the faiss search that kmeans_labels would run, so that rounding
+        # differences between the two searches cannot change the result: within this of each
+        # other, two squared distances count as tied (float32 error scales with |x|^2 + |c|^2).
+        sq = np.einsum("ij,ij->i", self.x[rows], self.x[rows])
+        tol = 1e-5 * (2.0 * sq + 1e-30)
+        is_seed[ar, col] = False
+        has_second = is_seed.any(axis=1)
+        second = dist2[ar, is_seed.argmax(axis=1)]
+        clear = has & ~(has_second & (second - dist2[ar, col] <= tol))
+        # a seed row is its own nearest seed unless another seed is within rounding of it
+        own = self.centroid_of[rows]
+        own_clear = ~(has & (dist2[ar, col] <= tol))
+        self.first[rows] = np.where(own >= 0, np.where(own_clear, own, -1), np.where(clear, found, -1))
+
+    def kmeans(self, niter: int) -> IndexArray:
+        centroids = self.x[self.seeds].copy()
+        assign = self.first.copy()
+        missing = np.nonzero(assign < 0)[0]
+        if missing.size:
+            assign[missing] = _nearest_centroid(self.x[missing], centroids)[1]
+        return _lloyd(self.x, centroids, assign, self.rng, niter)[1]
 
 
 def _retrieval_block(
@@ -570,6 +690,8 @@ def evaluate_embeddings(
     hits = np.zeros(len(ks), dtype=np.int64)
     ap_parts: list[npt.NDArray[np.float64]] = []
     rp_parts: list[npt.NDArray[np.float64]] = []
+    n_classes = class_sizes.shape[0]
+    seeding = _KnnSeeding(x, n_classes, seed) if clustering and 1 < n_classes < n else None
     with _threads(num_threads):
         searcher = _Searcher(x, dev, backend, torch.get_num_threads())
         s = 0
@@ -581,7 +703,9 @@ def evaluate_embeddings(
                 # do not let one block straddle the faiss / dense boundary
                 rows = rows[need[rows] <= FAISS_MAX_K]
                 k_block = int(need[rows].max())
-            _, nbr = searcher.search(x[rows], k_block, rows)
+            dist2, nbr = searcher.search(x[rows], k_block, rows)
+            if seeding is not None:
+                seeding.observe(rows, dist2, nbr)
             block_hits, ap, rp = _retrieval_block(codes[nbr] == codes[rows, None], r_all[rows], ks)
             hits += block_hits
             ap_parts.append(ap)
@@ -594,7 +718,10 @@ def evaluate_embeddings(
         out["MAP@R"] = math.fsum(np.concatenate(ap_parts).tolist()) / n_q if n_q else 0.0
         out["RP"] = math.fsum(np.concatenate(rp_parts).tolist()) / n_q if n_q else 0.0
         if clustering:
-            clusters = kmeans_labels(x, class_sizes.shape[0], seed, niter=kmeans_niter)
+            if seeding is not None and seeding.active:
+                clusters = seeding.kmeans(kmeans_niter)
+            else:
+                clusters = kmeans_labels(x, n_classes, seed, niter=kmeans_niter)
             out["NMI"] = nmi(codes, clusters)
             out["F1"] = pair_f1(codes, clusters)
     return {key: min(1.0, max(0.0, v)) for key, v in out.items()}

@@ -153,10 +153,21 @@ def test_query_is_excluded_by_index_not_by_first_column(path: str) -> None:
     assert float(np.mean(y[naive_first] == y)) == 0.25
 
 
-def test_matches_pytorch_metric_learning() -> None:
+def large_classes(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Classes of 700, 500 and 300 (R up to 699: the dense path on CPU), 5 singletons and some
+    exact duplicates across classes."""
+    rng = np.random.default_rng(seed)
+    y = np.concatenate([np.repeat([0, 1, 2], [700, 500, 300]), 10 + np.arange(5)])
+    x = (rng.standard_normal((y.size, 6)) + 0.7 * (y % 10)[:, None]).astype(np.float32)
+    x[:20] = x[700:720]
+    return x, y
+
+
+@pytest.mark.parametrize("data", ["messy", "large_classes"])
+def test_matches_pytorch_metric_learning(data: str) -> None:
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    x, y = messy_data(5, n=300, d=8)
+    x, y = messy_data(5, n=300, d=8) if data == "messy" else large_classes(5)
     calc = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
         k="max_bin_count",
@@ -164,11 +175,14 @@ def test_matches_pytorch_metric_learning() -> None:
     )
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     pml = calc.get_accuracy(xt, yt, xt, yt, ref_includes_query=True)
-    for backend in ("faiss", "torch"):
-        got = evaluate_embeddings(x, y, (1,), backend=backend, device="cpu", clustering=False)
-        assert got["R@1"] == pytest.approx(pml["precision_at_1"], abs=1e-9)
-        assert got["MAP@R"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-9)
-        assert got["RP"] == pytest.approx(pml["r_precision"], abs=1e-9)
+    for backend in ("auto", "faiss", "torch"):
+        got = evaluate_embeddings(x, y, (1,), backend=backend, device="cpu", clustering=False)  # type: ignore[arg-type]
+        # faiss computes the distances exactly as PML's faiss search does; the torch matmul
+        # rounds float32 differently, which can swap near-tied neighbours (a ~1e-8 effect here)
+        tol = 1e-12 if backend == "faiss" else 1e-6
+        assert got["R@1"] == pytest.approx(pml["precision_at_1"], abs=tol)
+        assert got["MAP@R"] == pytest.approx(pml["mean_average_precision_at_r"], abs=tol)
+        assert got["RP"] == pytest.approx(pml["r_precision"], abs=tol)
 
 
 def test_large_r_path_matches_brute_force() -> None:
@@ -414,3 +428,52 @@ def test_exact_selection_with_ties_and_skipped_entries() -> None:
             assert cols[i].tolist() == want
             assert dist[i].tolist() == [abs(float(d[i, j])) for j in want]
             assert not np.signbit(dist[i]).any()
+
+
+def plain_lloyd(x: np.ndarray, n_clusters: int, seed: int, niter: int) -> np.ndarray:
+    """Textbook Lloyd with kmeans_labels' seeding: full float64 distances every iteration."""
+    rng = np.random.default_rng(seed)
+    centroids = x[np.sort(rng.choice(len(x), n_clusters, replace=False))].astype(np.float64)
+    x64 = x.astype(np.float64)
+
+    def assign_all(c: np.ndarray) -> np.ndarray:
+        return np.argmin(((x64[:, None, :] - c[None, :, :]) ** 2).sum(-1), axis=1)
+
+    assign = assign_all(centroids)
+    for _ in range(niter):
+        assert np.bincount(assign, minlength=n_clusters).all(), "test data must not empty a cluster"
+        centroids = np.stack([x64[assign == c].mean(axis=0) for c in range(n_clusters)])
+        new = assign_all(centroids)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+    return assign
+
+
+@pytest.mark.parametrize("niter", [1, 3, 50])
+def test_kmeans_matches_plain_lloyd(niter: int) -> None:
+    # Overlapping blobs so that Lloyd runs several iterations, with late ones moving only a few
+    # centroids (the incremental re-assignment path) and early ones moving many (full search).
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((15, 4)) * 3
+    x = (centres[rng.integers(0, 15, size=600)] + rng.standard_normal((600, 4))).astype(np.float32)
+    got = kmeans_labels(x, 15, seed=4, niter=niter)
+    assert np.array_equal(got, plain_lloyd(x, 15, seed=4, niter=niter))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_evaluate_clusters_like_kmeans_labels(seed: int, path: str) -> None:
+    # evaluate_embeddings reads k-means' first assignment off its kNN lists; the clustering must
+    # be the one kmeans_labels computes (duplicates, singletons and lone queries included).
+    x, y = messy_data(seed, n=400, d=5)
+    x[50:60] = x[60:70]  # more exact duplicates, some of them seeds
+    # and a set where every row has an exact twin, with ~half the rows as seeds, so that twin
+    # seeds occur (the later one's nearest seed is the earlier one, not itself)
+    rng = np.random.default_rng(seed)
+    twins = np.repeat(rng.standard_normal((100, 3)).astype(np.float32), 2, axis=0)
+    twin_labels = rng.integers(0, 100, size=200)
+    for data, labels in ((x, y), (twins, twin_labels)):
+        got = evaluate_embeddings(data, labels, KS, backend=path, device="cpu", seed=seed)  # type: ignore[arg-type]
+        clusters = kmeans_labels(data, len(np.unique(labels)), seed)
+        assert got["NMI"] == nmi(labels, clusters)
+        assert got["F1"] == pair_f1(labels, clusters)
