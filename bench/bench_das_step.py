@@ -32,7 +32,7 @@ COMBOS = [
 ]
 
 
-def build(loss: str, miner: str, das: bool, cfg_extra: dict[str, Any]) -> tuple[Any, Any, Any]:
+def build(loss: str, miner: str, das: bool, cfg_extra: dict[str, Any], num_classes: int = 5) -> tuple[Any, Any, Any]:
     import torch
 
     from das_core.config import TrainConfig
@@ -43,11 +43,12 @@ def build(loss: str, miner: str, das: bool, cfg_extra: dict[str, Any]) -> tuple[
     cfg = TrainConfig.from_mapping({"loss": loss, "miner": "semi-hard" if pml else miner, "das": das, **cfg_extra})
     torch.manual_seed(0)
     model = build_model(cfg)
-    crit = build_criterion(cfg, 5)
+    crit = build_criterion(cfg, num_classes)
     if pml:
         from pytorch_metric_learning.miners import TripletMarginMiner
 
-        crit = Criterion(crit.loss, TripletMarginMiner(margin=0.2, type_of_triplets="semihard"), build_das(cfg, 5))
+        crit = Criterion(crit.loss, TripletMarginMiner(margin=0.2, type_of_triplets="semihard"),
+                         build_das(cfg, num_classes))
     params = list(model.parameters()) + list(crit.parameters())
     opt = torch.optim.Adam(params, lr=1e-4)
     return model, crit, opt
@@ -98,8 +99,29 @@ def main() -> None:
         ratio = times[True] / times[False]
         rows.append({"loss": loss, "miner": miner, "plain_ms": 1e3 * times[False], "das_ms": 1e3 * times[True], "ratio": ratio})
         print(f"{loss:<18}{miner:<20} plain {1e3 * times[False]:7.1f} ms   +DAS {1e3 * times[True]:7.1f} ms   x{ratio:.2f}")
+    for r in rows:
+        r["batch"] = "100 (5 x 20)"
+    # The paper's batch shape: 56 classes x 2 (synthetic images: Fashion-MNIST has 5 classes).
+    # PDDM scores every positive pair, whose number grows as ((1+T) m)^2 per class, so its
+    # cost with DAS depends on samples per class far more than the O(N^2) miners' does.
+    g = torch.Generator().manual_seed(0)
+    paper = [(torch.randn(112, 1, 28, 28, generator=g), torch.arange(56).repeat_interleave(2))]
+    paper_combos = [c for c in combos if c[1] != "pml-semi-hard"][:3] if args.quick else [
+        c for c in combos if c[1] != "pml-semi-hard"]
+    for loss, miner in paper_combos:
+        times = {}
+        for das in (False, True):
+            model, crit, opt = build(loss, miner, das, {"dataset": "fashion-mnist", "batch_size": 112,
+                                                        "samples_per_class": 2}, num_classes=56)
+            times[das] = median_time(make_step(model, crit, opt, paper), repeats, warmup=3)
+        ratio = times[True] / times[False]
+        rows.append({"loss": loss, "miner": miner, "batch": "112 (56 x 2)", "plain_ms": 1e3 * times[False],
+                     "das_ms": 1e3 * times[True], "ratio": ratio})
+        print(f"{loss:<18}{miner:<20} [56x2] plain {1e3 * times[False]:7.1f} ms   +DAS {1e3 * times[True]:7.1f} ms"
+              f"   x{ratio:.2f}")
     ours = [r for r in rows if r["miner"] != "pml-semi-hard"]
     worst = max(r["ratio"] for r in ours)
+    worst_pairs = max(r["ratio"] for r in ours if "pddm" not in (r["loss"], r["miner"]))
     path = write_result(
         "das_step" + ("_quick" if args.quick else ""),
         {
@@ -107,15 +129,20 @@ def main() -> None:
             f"Adam; median of {repeats} steps after 3 warm-up steps; {args.threads} torch threads",
             "rows": rows,
             "worst_ratio_ours": worst,
+            "worst_ratio_pair_and_proxy_miners": worst_pairs,
             "target": 1.5,
             "passed": worst <= 1.5,
+            "passed_except_pddm_at_20_per_class": worst_pairs <= 1.5,
         },
     )
-    print(f"worst DAS/plain step ratio (our miners): x{worst:.2f} (target <= 1.5)  -> {path}")
+    print(f"worst DAS/plain step ratio: x{worst:.2f} over all our miners and losses, x{worst_pairs:.2f} without PDDM "
+          f"(target <= 1.5)  -> {path}")
     if not args.quick:
-        lines = ["| loss | miner | plain step (ms) | + DAS step (ms) | ratio |", "|---|---|---:|---:|---:|"]
+        lines = ["| loss | miner | batch | plain step (ms) | + DAS step (ms) | ratio |", "|---|---|---|---:|---:|---:|"]
         for r in rows:
-            lines.append(f"| {r['loss']} | {r['miner']} | {r['plain_ms']:.0f} | {r['das_ms']:.0f} | {r['ratio']:.2f}x |")
+            name = "PML TripletMarginMiner(semihard), off the shelf" if r["miner"] == "pml-semi-hard" else r["miner"]
+            lines.append(f"| {r['loss']} | {name} | {r['batch']} | {r['plain_ms']:.0f} | {r['das_ms']:.0f} | "
+                         f"{r['ratio']:.2f}x |")
         m = machine_info()
         lines.append(f"\nMeasured on {m['cpu']}, {args.threads} threads, {m['date']} (`make bench-das` reruns it).")
         replace_readme_section("das-step", "\n".join(lines))

@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import RESULTS, ROOT, machine_info, replace_readme_section
 
