@@ -35,19 +35,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.reference_das import ReferenceDAS  # noqa: E402
+from common import cpu_model  # noqa: E402
 from das_core.das import DenselyAnchoredSampling  # noqa: E402
 
 TARGET_RATIO = 15.0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_batches(

@@ -42,21 +42,12 @@ if str(ROOT) not in sys.path:
 
 import faiss  # noqa: E402
 
+from common import cpu_model  # noqa: E402
 from das_core.index import RetrievalIndex, recall_at_k, search_exact  # noqa: E402
 
 TARGET_RECALL = 0.95
 TARGET_SPEEDUP = 10.0
 K = 10
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info(threads: int) -> dict[str, Any]:

@@ -45,21 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common import cpu_model  # noqa: E402
 from das_core import projection  # noqa: E402
 from das_core.projection import DEFAULT_MAX_FIT, fit_map, joint_map, knn_search, map_placer, place_points  # noqa: E402
 
 DIM = 128
 N_PRODUCED = 1000
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine() -> dict[str, Any]:
