@@ -144,7 +144,7 @@ def main() -> None:
             lines.append(f"| {r['loss']} | {name} | {r['batch']} | {r['plain_ms']:.0f} | {r['das_ms']:.0f} | "
                          f"{r['ratio']:.2f}x |")
         m = machine_info()
-        lines.append(f"\nMeasured on {m['cpu']}, {args.threads} threads, {m['date']} (`make bench-das` reruns it).")
+        lines.append(f"\nMeasured on {m['cpu']}, {args.threads} threads, {m['date']} (`make bench` reruns it).")
         replace_readme_section("das-step", "\n".join(lines))
 
 
