@@ -13,7 +13,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 THREADS := OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2
 APT := DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0
 
-.PHONY: run test setup setup-dev data browser demo-model check bench bench-quick bench-das lint clean help
+.PHONY: run test setup setup-dev data browser demo-model check bench bench-quick bench-das screenshots lint clean help
 
 help:
 	@echo "make run        set up if needed, then open the app on the embedded demo model"
@@ -21,6 +21,7 @@ help:
 	@echo "make demo-model retrain the embedded demo checkpoints (same seed, same result)"
 	@echo "make bench      scale/speed benchmarks (bench/), results in bench/results/"
 	@echo "make bench-das  the DAS benchmark on the embedded split (baseline vs + DAS, 3 seeds)"
+	@echo "make screenshots retake the README's screenshots (headless Chromium, demo checkpoint)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +81,10 @@ bench-quick: setup-dev
 
 bench-das: setup-dev
 	$(THREADS) $(PY) bench/bench_das_training.py
+
+# One screenshot per page of the real app, on the demo checkpoint, into assets/screenshots/.
+screenshots: setup-dev $(DEMO)
+	DAS_UPDATE_SCREENSHOTS=1 $(THREADS) $(PY) -m pytest -q -p no:cacheprovider tests/test_browser.py -k readme_screenshot
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache tests/artifacts

@@ -4,8 +4,9 @@ Plotly's hover labels cannot show images, and Streamlit sends no hover events to
 small ``st.components.v2`` component runs in the page, finds the Plotly graphs whose layout
 carries ``meta.thumbs`` (sprite-sheet geometry from ``das_core.thumbs``), and on
 ``plotly_hover`` shows the hovered item's thumbnail, cut out of a sprite sheet served by
-Streamlit's static file server, with its label and index. ``customdata[0]`` of a point is the
-item's index in the split (produced points carry their anchor's index).
+Streamlit's static file server, with its trace's name and index (Plotly's own label is hidden
+while it shows). ``customdata[0]`` of a point is the item's index in the split; produced points
+carry ``[anchor index, round]``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ export default function(component) {
     const m = gd.layout && gd.layout.meta && gd.layout.meta.thumbs;
     const p = ev.points && ev.points[0];
     if (!m || !p || p.customdata === undefined || p.customdata === null) return;
-    const cd = Array.isArray(p.customdata) ? p.customdata : [p.customdata];
+    // rows of 2-D customdata arrive as typed arrays (plotly.py sends numpy arrays binary)
+    const raw = p.customdata;
+    const cd = Array.isArray(raw) || ArrayBuffer.isView(raw) ? Array.from(raw) : [raw];
     const id = Number(cd[0]);
     if (!(id >= 0) || id >= m.count) return;
     const sheet = Math.floor(id / m.per_sheet), cell = id % m.per_sheet;
@@ -44,7 +47,13 @@ export default function(component) {
     th.style.backgroundImage = 'url("' + m.base + m.files[sheet] + '")';
     th.style.backgroundSize = (m.per_row * m.size * scale) + 'px auto';
     th.style.backgroundPosition = (-col * m.size * scale) + 'px ' + (-row * m.size * scale) + 'px';
-    tip.querySelector('.text').textContent = (cd.length > 1 ? cd[1] : '') + ' · #' + id + (cd.length > 2 && cd[2] ? ' · ' + cd[2] : '');
+    // the trace names the class; produced points (customdata [anchor, round]) name their anchor
+    const name = String((p.data && p.data.name) || '');
+    tip.querySelector('.text').textContent = (name ? name + ' · ' : '') +
+      (cd.length > 1 ? 'round ' + cd[1] + ' · anchor #' + id : '#' + id);
+    // our tooltip says all that Plotly's label would: hide the label, keep the hover events
+    const layer = gd.querySelector('.hoverlayer');
+    if (layer) layer.style.visibility = 'hidden';
     const e = ev.event || {};
     tip.style.left = ((e.clientX || 0) + 18) + 'px';
     tip.style.top = ((e.clientY || 0) + 18) + 'px';

@@ -37,6 +37,22 @@ def _base_layout(fig: go.Figure, *, height: int, uirevision: str, thumbs: dict[s
     return fig
 
 
+def point_customdata(point: dict[str, Any]) -> list[int] | None:
+    """A selected point's ``customdata`` as a list of ints, or None when it has none.
+
+    Rows of 2-D customdata come back from the browser in whatever form plotly.js holds them:
+    a list, a scalar, or (numpy arrays are sent binary, as typed arrays) a JSON object keyed
+    "0", "1", ..."""
+    cd = point.get("customdata")
+    if cd is None:
+        return None
+    if isinstance(cd, dict):
+        return [int(cd[k]) for k in sorted(cd, key=int)]
+    if isinstance(cd, (list, tuple)):
+        return [int(v) for v in cd]
+    return [int(cd)]
+
+
 def embedding_map(
     coords: np.ndarray,
     labels: np.ndarray,

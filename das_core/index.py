@@ -24,13 +24,14 @@ Measured on 2 cores (``bench/bench_index.py``, results in ``bench/results/index.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +86,26 @@ def default_threads() -> int:
     return max(1, min(8, cores))
 
 
-def set_threads(threads: int | None = None) -> int:
-    """Set faiss's OpenMP thread count (process-wide) and return it."""
-    n = threads if threads is not None and threads > 0 else default_threads()
-    if faiss.omp_get_max_threads() != n:
+def resolve_threads(threads: int | None = None) -> int:
+    """The thread count to use: ``threads`` when positive, else ``default_threads()``."""
+    return threads if threads is not None and threads > 0 else default_threads()
+
+
+@contextlib.contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """Run faiss on ``n`` OpenMP threads for the block, then restore the previous count.
+
+    faiss and torch share one OpenMP runtime, so ``faiss.omp_set_num_threads`` is also torch's
+    intra-op thread count: left set, a one-thread query would slow every later torch op in the
+    process (and change its float reductions, hence training's exact numbers)."""
+    old = faiss.omp_get_max_threads()
+    if old != n:
         faiss.omp_set_num_threads(n)
-    return n
+    try:
+        yield
+    finally:
+        if faiss.omp_get_max_threads() != old:
+            faiss.omp_set_num_threads(old)
 
 
 # -- array checks ---------------------------------------------------------------------------------
@@ -254,7 +269,7 @@ class RetrievalIndex:
         self.build_seconds = build_seconds
         self.tune_seconds = tune_seconds
         self.fingerprint = fingerprint
-        self.threads = set_threads(threads)
+        self.threads = resolve_threads(threads)
         depth = _DEPTH.get(kind)
         if depth is not None and depth[0] in self.params:
             _set_depth(index, kind, int(self.params[depth[0]]))
@@ -292,10 +307,11 @@ class RetrievalIndex:
         efConstruction, efSearch); a search depth not given is tuned to ``target_recall``."""
         x = _as_gallery(embeddings)
         chosen = resolve_kind(len(x), kind, exact_threshold)
-        n_threads = set_threads(threads)
+        n_threads = resolve_threads(threads)
         p = dict(params or {})
         t0 = time.perf_counter()
-        index = _BUILDERS[chosen](x, p)
+        with omp_threads(n_threads):
+            index = _BUILDERS[chosen](x, p)
         built = cls(index, chosen, p, fingerprint=fingerprint(x), threads=n_threads)
         depth = _DEPTH.get(chosen)
         if depth is not None and depth[0] not in p:
@@ -377,9 +393,8 @@ class RetrievalIndex:
         # One query (or a few) on one thread: faiss would fan the scan out over OpenMP threads,
         # which costs more than it saves (11 ms vs 1.5 ms for 10k x 512 on 2 busy cores).
         threads = 1 if len(q) < SMALL_BATCH else self.threads
-        if faiss.omp_get_max_threads() != threads:
-            faiss.omp_set_num_threads(threads)
-        sq, idx = self.index.search(q, k_out + (1 if ex is not None else 0))
+        with omp_threads(threads):
+            sq, idx = self.index.search(q, k_out + (1 if ex is not None else 0))
         dist, ids = _finish(sq, idx)
         if ex is not None:
             dist, ids = _drop_excluded(dist, ids, ex, k_out)
@@ -526,5 +541,6 @@ __all__: Sequence[str] = (
     "recall_at_k",
     "resolve_kind",
     "search_exact",
-    "set_threads",
+    "omp_threads",
+    "resolve_threads",
 )

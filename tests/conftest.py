@@ -50,3 +50,15 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["train", *QUICK_DIGITS, "--epochs", "2", "--das", "--val-fraction", "0.2", "--seed", "3", "--out", str(out)]
     assert main(args) == 0
     return out
+
+
+@pytest.fixture(autouse=True)
+def _threads_unchanged() -> object:
+    """No test (and no library call it makes) may leave torch's / faiss's shared OpenMP thread
+    count changed: later tests' speed and exact float sums depend on it."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"the process's thread count went from {before} to {after} and was not restored")

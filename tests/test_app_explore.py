@@ -78,3 +78,15 @@ def test_a_deleted_checkpoint_is_a_message_not_a_traceback(run_ckpt: Path, tmp_p
     at.run()
     assert not at.exception
     assert any("gone" in w.value for w in at.sidebar.warning)
+
+
+def test_selected_points_customdata_in_every_form_the_browser_sends() -> None:
+    """A box selection's points carry customdata as a list, a scalar, or (binary-sent numpy
+    rows) an object keyed "0", "1", ...: all read the same; a point without any is skipped."""
+    from app.plots import point_customdata
+
+    assert point_customdata({"customdata": {"1": 3, "0": 316}}) == [316, 3]
+    assert point_customdata({"customdata": {"0": 12}}) == [12]
+    assert point_customdata({"customdata": [7]}) == [7]
+    assert point_customdata({"customdata": 5}) == [5]
+    assert point_customdata({"x": 1.0}) is None

@@ -194,16 +194,36 @@ def test_approximate_recall_at_10(kind: str) -> None:
         assert idx.params["nlist"] == index_mod.default_nlist(6000)
 
 
-def test_threads_are_set_explicitly(gallery: np.ndarray) -> None:
+def test_threads_are_set_for_each_call_and_restored(gallery: np.ndarray) -> None:
+    """Each index searches on its own thread count (one for a single query), and the process's
+    count is restored after: faiss shares torch's OpenMP runtime, so a leaked one-thread
+    setting would slow (and change the float sums of) every later torch op."""
     import faiss
+    import torch
 
-    idx = RetrievalIndex.build(gallery, threads=1)
-    assert idx.threads == 1 and faiss.omp_get_max_threads() == 1
+    before = torch.get_num_threads()
+    idx1 = RetrievalIndex.build(gallery, threads=1)
     idx2 = RetrievalIndex.build(gallery, threads=2)
-    assert faiss.omp_get_max_threads() == 2
-    idx.search(gallery[:100], 3)  # each index searches batches with its own thread count
-    assert faiss.omp_get_max_threads() == 1
+    assert idx1.threads == 1 and idx2.threads == 2
+    assert torch.get_num_threads() == before
+
+    seen: list[int] = []
+
+    class Spy:
+        def __init__(self, inner: faiss.Index) -> None:
+            self.inner = inner
+
+        def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            seen.append(faiss.omp_get_max_threads())
+            return self.inner.search(q, k)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+    for idx in (idx1, idx2):
+        idx.index = Spy(idx.index)  # type: ignore[assignment]
+    idx1.search(gallery[:100], 3)
     idx2.search(gallery[:100], 3)
-    assert faiss.omp_get_max_threads() == 2
-    idx2.search(gallery[0], 3)  # and single queries on one thread
-    assert faiss.omp_get_max_threads() == 1
+    idx2.search(gallery[0], 3)
+    assert seen == [1, 2, 1]
+    assert torch.get_num_threads() == before and faiss.omp_get_max_threads() == before

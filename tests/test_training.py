@@ -128,11 +128,14 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_metrics(tmp_path:
     """Kill -9 a real training process in the middle of an epoch; nothing saved is torn and
     --resume ends with exactly the metrics of a run that was never interrupted."""
     common = [*QUICK_DIGITS[:-1], "--seed", "4", "--das", "--steps-per-epoch", "40", "--epochs", "3"]
-    assert main(["train", *common, "--no-progress", "--out", str(tmp_path / "ref")]) == 0
+    # Every run in a fresh process with the same thread count: CPU float reductions (hence the
+    # exact metrics) depend on it, and this test process's state is not the CLI's.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    cli = [sys.executable, "-m", "das_core", "train"]
+    subprocess.run([*cli, *common, "--no-progress", "--out", str(tmp_path / "ref")], env=env, check=True, capture_output=True)
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "das_core", "train", *common, "--no-progress", "--out", str(out)],
+        [*cli, *common, "--no-progress", "--out", str(out)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -160,7 +163,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_metrics(tmp_path:
     assert load_checkpoint(out).epoch >= 1  # the last checkpoint is intact
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines)  # no torn line
-    assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    subprocess.run([*cli, "--resume", "--out", str(out), "--no-progress"], env=env, check=True, capture_output=True)
     ref = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
     got = read_jsonl(out / "metrics.jsonl")
     assert [r["epoch"] for r in got] == [1, 2, 3]

@@ -144,8 +144,8 @@ def produce_and_draw() -> None:
     selected_real = []
     selected_produced = 0
     for p in (event.selection.points if event and event.selection else []):
-        cd = p.get("customdata")
-        if cd is None:
+        cd = plots.point_customdata(p)
+        if not cd:
             continue
         if len(cd) == 1:
             selected_real.append(int(cd[0]))
