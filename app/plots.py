@@ -181,8 +181,10 @@ def curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, y_titl
         ys = [100 * v for v in y] if percent else list(y)
         fig.add_trace(go.Scatter(x=list(x), y=ys, mode="lines+markers", name=name))
     fig.update_layout(
-        height=height, margin={"l": 0, "r": 0, "t": 10, "b": 0}, xaxis_title="epoch",
-        yaxis_title=y_title + (" (%)" if percent else ""), legend={"orientation": "h", "y": -0.25},
+        height=height, margin={"l": 0, "r": 0, "t": 30, "b": 0}, xaxis_title="epoch",
+        yaxis_title=y_title + (" (%)" if percent else ""),
+        # above the plot: below it, a horizontal legend covers the x-axis title
+        legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"},
     )
     return fig
 

@@ -62,6 +62,7 @@ from browser_helpers import (  # noqa: E402
     chromium_missing,
     is_running,
     launch_chromium,
+    parse_frame,
 )
 
 from common import cpu_model, machine_info, write_result  # noqa: E402
@@ -121,14 +122,10 @@ class Watcher(RunWatcher):
 
     def _received(self, payload: Any) -> None:
         super()._received(payload)
-        if isinstance(payload, str):
-            return
         from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
-        msg = ForwardMsg()
-        try:
-            msg.ParseFromString(payload)
-        except Exception:
+        msg = parse_frame(payload, ForwardMsg)
+        if msg is None:
             return
         if msg.WhichOneof("type") == "delta" and msg.delta.WhichOneof("type") == "new_element":
             el = msg.delta.new_element

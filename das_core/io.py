@@ -58,6 +58,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when the file is missing, unreadable, not JSON or
+    not an object (a file another process is writing, or one left half-written)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line with a single ``write`` and fsync it. A kill mid-write can at
     worst leave a partial last line, which ``read_jsonl`` skips and the next append repairs."""

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from das_core.config import ConfigError, TrainConfig, dump_config
-from das_core.io import atomic_write_json, file_lock
+from das_core.io import atomic_write_json, file_lock, read_json_object
 from das_core.runs import REPO_ROOT, default_runs_root
 
 log = logging.getLogger("das_core.jobs")
@@ -167,17 +167,9 @@ def _job_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
     return file_lock(run_dir / JOB_LOCK)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def read_job(run_dir: Path) -> Job | None:
     """The job in ``run_dir``, or ``None`` if it holds no (readable) ``job.json``."""
-    data = _read_json(run_dir / JOB_FILE)
+    data = read_json_object(run_dir / JOB_FILE)
     if data is None:
         return None
     try:
@@ -248,7 +240,7 @@ def _is_training_process(job: Job) -> bool:
 def worker_pid(runs_root: str | Path | None, device: str) -> int | None:
     """The pid of the live worker of ``device``, if there is one."""
     root = _root(runs_root)
-    info = _read_json(worker_info_path(root, device)) or {}
+    info = read_json_object(worker_info_path(root, device)) or {}
     pid = info.get("pid")
     if isinstance(pid, int) and _is_our_process(pid, "das_core", "worker", str(root)):
         return pid
@@ -450,7 +442,7 @@ def _resolve_ref(ref: str | Path, runs_root: str | Path | None) -> Path:
 
 def read_progress(job: Job) -> dict[str, Any]:
     """The run's ``progress.json`` (state, epoch, epochs, step, steps, loss, eta, ...) or {}."""
-    return _read_json(job.run_dir / PROGRESS_FILE) or {}
+    return read_json_object(job.run_dir / PROGRESS_FILE) or {}
 
 
 def log_tail(job: Job | Path, n: int = 40) -> str:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from das_core.config import GROUPS, ConfigError, TrainConfig, load_config_file
+from das_core.io import read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -371,14 +372,6 @@ def format_seconds(s: float) -> str:
 # -- runs, curves and benchmarks ------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """A checkpoint's config, metrics and epoch from its metadata alone (no tensors read);
     ``CheckpointError`` for a file that is not one of ours."""
@@ -479,10 +472,10 @@ def _row(
 
 
 def _run_state(run_dir: Path, history: Sequence[Mapping[str, Any]], planned: Any) -> str:
-    job = _read_json(run_dir / "job.json")
+    job = read_json_object(run_dir / "job.json")
     if job is not None and isinstance(job.get("state"), str):
         return str(job["state"])
-    progress = _read_json(run_dir / "progress.json") or {}
+    progress = read_json_object(run_dir / "progress.json") or {}
     if (run_dir / "summary.json").is_file() or progress.get("state") == "done":
         return "done"
     done = max((int(r.get("epoch", 0)) for r in history), default=0)
@@ -507,7 +500,7 @@ def _run_config(run_dir: Path, checkpoint: Path | None) -> dict[str, Any]:
 
 def _run_row(path: Path, checkpoint: Path | None, hist: list[dict[str, Any]]) -> dict[str, Any]:
     cfg = _run_config(path, checkpoint)
-    summary = _read_json(path / "summary.json") or {}
+    summary = read_json_object(path / "summary.json") or {}
     sel: Mapping[str, Any] | None = None
     if any(isinstance(r.get("val"), dict) for r in hist):
         want = summary.get("selected_epoch")
@@ -631,7 +624,7 @@ def bench_summary(results_dir: str | Path) -> dict[str, Any]:
          "the step-time benchmark: run `python bench/bench_das_step.py` (writes bench/results/das_step.json)"),
     ):
         for name in names:
-            data = _read_json(d / name)
+            data = read_json_object(d / name)
             if data is None:
                 continue
             rows = rows_of(data)

@@ -53,3 +53,28 @@ def decode(values: Any) -> list[float]:
 def no_errors(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
+
+
+def fake_checkpoint(src: Path, dst: Path, **config: Any) -> Path:
+    """A copy of checkpoint ``src`` at ``dst`` whose config says otherwise (e.g. another dataset)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    cfg = {**json.loads(meta["config"]), **config}
+    meta["config"], meta["dataset"] = json.dumps(cfg), cfg["dataset"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def digits_runs_root(tmp_path: Path, monkeypatch: Any, digits_run: Path) -> Path:
+    """A runs root of the test's own (``$DAS_RUNS_DIR``), holding the digits run as ``digits``."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "digits").symlink_to(digits_run, target_is_directory=True)
+    monkeypatch.setenv("DAS_RUNS_DIR", str(root))
+    return root
+

@@ -203,6 +203,19 @@ def launch_chromium(headless: bool = True) -> Iterator[Any]:
             ctx.close()
 
 
+def parse_frame(payload: Any, message_type: Any) -> Any:
+    """A websocket frame of Streamlit's protocol as ``message_type`` (ForwardMsg / BackMsg),
+    or None for a text frame or one that does not parse."""
+    if isinstance(payload, str):
+        return None
+    msg = message_type()
+    try:
+        msg.ParseFromString(payload)
+    except Exception:
+        return None
+    return msg
+
+
 class RunWatcher:
     """Streamlit's own word on script runs, read off the page's websocket: every rerun request
     the browser sends (``BackMsg.rerun_script``) and every ``new_session`` (a run starts) and
@@ -220,14 +233,10 @@ class RunWatcher:
             ws.on("framesent", self._sent)
 
     def _received(self, payload: Any) -> None:
-        if isinstance(payload, str):
-            return
         from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
-        msg = ForwardMsg()
-        try:
-            msg.ParseFromString(payload)
-        except Exception:
+        msg = parse_frame(payload, ForwardMsg)
+        if msg is None:
             return
         kind = msg.WhichOneof("type")
         if kind == "new_session":
@@ -237,14 +246,10 @@ class RunWatcher:
             self.events.append((time.perf_counter(), f"finished:{status}"))
 
     def _sent(self, payload: Any) -> None:
-        if isinstance(payload, str):
-            return
         from streamlit.proto.BackMsg_pb2 import BackMsg
 
-        msg = BackMsg()
-        try:
-            msg.ParseFromString(payload)
-        except Exception:
+        msg = parse_frame(payload, BackMsg)
+        if msg is None:
             return
         if msg.WhichOneof("type") == "rerun_script":
             self.events.append((time.perf_counter(), "rerun"))

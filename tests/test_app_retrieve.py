@@ -5,7 +5,6 @@ dataset cannot be loaded or differs. (AppTest 1.67 uploads files: ``file_uploade
 from __future__ import annotations
 
 import io
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,33 +14,15 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from app_helpers import digits_runs_root, fake_checkpoint
+
 REPO = Path(__file__).resolve().parent.parent
 PAGE = "app/pages/retrieve.py"
 
 
-def fake_checkpoint(src: Path, dst: Path, **config: Any) -> Path:
-    """A copy of checkpoint ``src`` at ``dst`` whose config says otherwise (e.g. another dataset)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(src), "pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    cfg = {**json.loads(meta["config"]), **config}
-    meta["config"], meta["dataset"] = json.dumps(cfg), cfg["dataset"]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dst), metadata=meta)
-    return dst
-
-
 @pytest.fixture
 def runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_run: Path) -> Path:
-    """A runs root of this test's own, holding the digits run."""
-    root = tmp_path / "runs"
-    root.mkdir()
-    (root / "digits").symlink_to(digits_run, target_is_directory=True)
-    monkeypatch.setenv("DAS_RUNS_DIR", str(root))
-    return root
+    return digits_runs_root(tmp_path, monkeypatch, digits_run)
 
 
 def page(ckpt: Path, **state: Any) -> AppTest:

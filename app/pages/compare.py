@@ -48,7 +48,7 @@ else:
         **pct, "DAS": st.column_config.CheckboxColumn("DAS"),
         "epochs": st.column_config.NumberColumn("epochs", help="epochs finished"),
         "planned": st.column_config.NumberColumn("planned", help="epochs of the config"),
-    }, hide_index=True, use_container_width=True, key="compare_table")
+    }, hide_index=True, width="stretch", key="compare_table")
     st.caption("Metrics on the test split (unseen classes), in %: R@k (a same-class image among the k nearest), "
                "MAP@R, NMI and F1 (k-means clustering). The last evaluated epoch, and the epoch selected on the "
                "validation split where the run has one (no selection on test classes).")
@@ -77,11 +77,11 @@ else:
             st.markdown("**R@1 per epoch**")
             fig = plots.curves(r1, y_title="R@1", percent=True, height=340)
             fig.for_each_trace(lambda t: t.update(line={"dash": "dash"}) if t.name.endswith(" · val") else None)
-            st.plotly_chart(fig, key="compare_r1", use_container_width=True)
+            st.plotly_chart(fig, key="compare_r1", width="stretch")
         with b:
             st.markdown("**Training loss per epoch**")
             st.plotly_chart(plots.curves(loss, y_title="train loss", height=340), key="compare_loss",
-                            use_container_width=True)
+                            width="stretch")
 
 # -- benchmarks -----------------------------------------------------------------------------------
 st.subheader("Benchmarks")
@@ -90,14 +90,14 @@ if bench["das"] is not None:
     d = bench["das"]
     st.markdown("**Does DAS help?** Baseline vs + DAS on the embedded zero-shot split (test classes), mean ± std "
                 "over seeds in %, the difference to the baseline in brackets." + (" *(quick smoke test)*" if d["quick"] else ""))
-    st.dataframe(d["rows"], hide_index=True, use_container_width=True, key="compare_bench_das")
+    st.dataframe(d["rows"], hide_index=True, width="stretch", key="compare_bench_das")
     settings = d["settings"] if isinstance(d["settings"], dict) else {}
     st.caption(f"`{d['file']}` · " + ", ".join(f"{k} {v}" for k, v in settings.items()))
 if bench["step"] is not None:
     s = bench["step"]
     st.markdown("**Cost of DAS per training step** (median step time, plain vs + DAS)"
                 + (" *(quick smoke test)*" if s["quick"] else ""))
-    st.dataframe(s["rows"], hide_index=True, use_container_width=True, key="compare_bench_step")
+    st.dataframe(s["rows"], hide_index=True, width="stretch", key="compare_bench_step")
     extra = s["extra"]
     verdict = (f" · worst ratio of our miners ×{extra['worst_ratio_ours']:.2f} (target ≤ {extra['target']}: "
                f"{'met' if extra.get('passed') else 'missed'})") if "worst_ratio_ours" in extra else ""
@@ -174,13 +174,13 @@ for col, title, xy, key in ((ma, f"A · {ckpt_a.name}", mp_a.coords, "compare_ma
     with col:
         fig = plots.embedding_map(xy, es_a.labels, names, ids, highlight=(xy[shift.moved], f"moved most ({k})"),
                                   thumbs=thumbs, uirevision=key, height=520, title=title, point_size=3)
-        st.plotly_chart(fig, key=key, use_container_width=True)
+        st.plotly_chart(fig, key=key, width="stretch")
 st.caption("★ the points that moved most. Displacement is measured once both maps are scaled to unit RMS radius "
            "(1 = a map's typical radius), with the alignment refitted without the 10 % that moved most. The "
            "neighbourhood columns are measured in each checkpoint's own embedding space, not on the maps.")
 t1, t2 = st.columns([3, 2])
 with t1:
-    st.dataframe(shift.rows, hide_index=True, use_container_width=True, key="compare_moved")
+    st.dataframe(shift.rows, hide_index=True, width="stretch", key="compare_moved")
 with t2:
     dataset = state.splits(ckpt_a).get(split)
     cols = st.columns(5)

@@ -237,6 +237,6 @@ if show_map:
                 marker={"size": 24, "symbol": "star", "color": "gold", "line": {"width": 1.5, "color": "black"}},
                 hovertemplate="query<extra></extra>",
             ))
-            st.plotly_chart(fig, key=f"retrieve_map_{m}", use_container_width=True)
+            st.plotly_chart(fig, key=f"retrieve_map_{m}", width="stretch")
     st.caption("★ the query (a gallery image sits on its own point; another image is placed among its nearest "
                "gallery neighbours, as UMAP.transform starts), ○ its results. Hover a point for its image.")

@@ -166,14 +166,14 @@ def show_job(job: jobs.Job, queue_pos: int | None) -> None:
             ep = curves["epoch"]
             ca, cb = st.columns(2)
             ca.plotly_chart(plots.curves({"train loss": (ep, curves["train_loss"])}, y_title="loss", height=220),
-                            key=f"train_loss_{job.id}", use_container_width=True)
+                            key=f"train_loss_{job.id}", width="stretch")
             r1 = {f"{s} R@1": (ep, curves[f"{s} R@1"]) for s in ("test", "val")
                   if any(v == v for v in curves[f"{s} R@1"])}
             if r1:
                 fig = plots.curves(r1, y_title="R@1", height=220, percent=True)
                 fig.update_layout(legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
                                   margin={"t": 24})
-                cb.plotly_chart(fig, key=f"train_r1_{job.id}", use_container_width=True)
+                cb.plotly_chart(fig, key=f"train_r1_{job.id}", width="stretch")
         if job.state == "done":
             r = reports.run_row(job.run_dir)
             if r is not None and r["R@1"] is not None:
