@@ -60,8 +60,13 @@ def variants(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
+# CPU float sums, hence a run's exact numbers, depend on the thread count: every run uses this
+# many, and a stored run made with another count is made again.
+THREADS = 2
+
+
 def command(values: dict[str, Any]) -> str:
-    parts = ["python -m das_core train"]
+    parts = [f"OMP_NUM_THREADS={THREADS} python -m das_core train"]
     for k, v in values.items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -120,6 +125,9 @@ def main() -> None:
     args = ap.parse_args()
     import tempfile
 
+    import torch
+
+    torch.set_num_threads(THREADS)
     seeds = args.seeds[:1] if args.quick else args.seeds
     # evaluate once, after the last epoch: that is the number reported
     extra: dict[str, Any] = (
@@ -127,7 +135,7 @@ def main() -> None:
     )
     out_file = RESULTS / ("das_training_quick.json" if args.quick else "das_training.json")
     done: dict[str, Any] = json.loads(out_file.read_text()) if out_file.is_file() else {}
-    runs: list[dict[str, Any]] = done.get("runs", [])
+    runs: list[dict[str, Any]] = [r for r in done.get("runs", []) if r.get("threads") == THREADS]
     finished = {(r["setting"], r["variant"], r["seed"]) for r in runs}
     for setting, variant, values in variants(args.quick):
         for seed in seeds:
@@ -140,7 +148,7 @@ def main() -> None:
                 test = run_one(cfg_values, Path(tmp) / "run")
             runs.append(
                 {"setting": setting, "variant": variant, "seed": seed, "test": test, "seconds": time.time() - t,
-                 "command": command(cfg_values)}
+                 "threads": THREADS, "command": command(cfg_values)}
             )
             print("   " + "  ".join(f"{m} {100 * test[m]:.2f}" for m in METRICS) + f"  ({time.time() - t:.0f} s)", flush=True)
             RESULTS.mkdir(parents=True, exist_ok=True)

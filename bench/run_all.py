@@ -22,6 +22,7 @@ BENCHES = [
     ("evaluation", "bench_evaluation.py"),
     ("index", "bench_index.py"),
     ("projection", "bench_projection.py"),
+    ("app", "bench_app.py"),
     ("gpu", "bench_gpu.py"),
 ]
 
