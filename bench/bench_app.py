@@ -359,7 +359,7 @@ def server_only(cache_dir: Path, runs_dir: Path, threads: int, repeats: int) -> 
     if line is None:
         return {"error": (proc.stderr or proc.stdout)[-2000:]}
     res = json.loads(line[len("RESULT"):])
-    return {**res, **{k.replace("_s", "_median_s"): med(v) for k, v in res.items() if k.endswith("_s")}}
+    return {**res, **{k[:-2] + "_median_s": med(v) for k, v in res.items() if k.endswith("_s")}}
 
 
 def demo_sprite_dirs() -> list[Path]:
