@@ -75,7 +75,7 @@ def speed_table(machine: dict[str, Any]) -> str:
     if a:
         names = {
             "first_paint": "app: first paint after server start",
-            "map_cold": "app: demo map, cold (empty caches, 35k images embedded + UMAP)",
+            "map_cold": "app: demo map, cold (empty caches: 31,500 images embedded, UMAP fit, thumbnails)",
             "map_warm": "app: demo map, warm (a new browser session)",
             "map_restart": "app: demo map after a server restart (disk cache)",
             "slider_move": "app: slider move → produced points redrawn (in Chromium)",

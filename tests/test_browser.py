@@ -447,7 +447,7 @@ def test_readme_screenshot(page: Any, server: AppServer, name: str) -> None:
         page.get_by_text("✔ done").first.wait_for(timeout=600_000)
         page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
     elif name == "compare":
-        page.locator(".st-key-compare_draw").get_by_role("switch").click()
+        page.locator(".st-key-compare_draw label").first.click()  # the label takes the click, not the hidden input
         wait_idle(page, timeout=600, start_grace=2.0)
         page.wait_for_function(
             "() => { const gd = document.querySelector('.st-key-compare_map_b .js-plotly-plot'); return !!(gd && gd._fullData); }",
