@@ -189,11 +189,13 @@ def open_explore(page: Any, server: AppServer) -> tuple[int, float]:
 
 
 def hover(page: Any, pt: dict[str, Any]) -> Any:
-    """Move the mouse onto a point of a map (from a little way off); the tooltip, once shown."""
+    """Move the mouse onto a point of a map (from a little way off); the tooltip, once it shows
+    that point (on the way, the mouse may pass other points, whose tooltips show first)."""
     tip = page.locator("#das-thumb-tip")
     page.mouse.move(pt["px"] - 30, pt["py"] - 30)
     page.mouse.move(pt["px"], pt["py"], steps=5)
     tip.wait_for(state="visible", timeout=10_000)
+    expect(tip).to_contain_text(f"#{pt['id']}", timeout=10_000)
     return tip
 
 
