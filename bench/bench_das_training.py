@@ -3,7 +3,8 @@
 Fashion-MNIST classes 0-4 train, 5-9 test (35,000 images each), the small CNN of the
 demo, 128-d. For each loss/miner: the same run without and with DAS (T=3, K=4, Z=10,
 r_s = r_b = 0.01, the paper's defaults), 3 seeds each, plus the DFS-only / MTS-only
-ablation for triplet + distance-weighted. Every run is an ordinary
+ablation and the auxiliary-loss variant (``L(real) + L(real + produced)``) for triplet +
+distance-weighted. Every run is an ordinary
 ``python -m das_core train`` run (printed below, rerunnable one by one); the last
 epoch is reported (no model selection on the test classes). Results: mean +- std of
 R@1, MAP@R, NMI, F1 on the test classes, in ``bench/results/das_training.json`` and in
@@ -57,6 +58,8 @@ def variants(quick: bool) -> list[tuple[str, str, dict[str, Any]]]:
         name, abl = ABLATION
         out.append((name, "+ DFS only", {**SETTINGS[name], "das": True, **abl["dfs"]}))
         out.append((name, "+ MTS only", {**SETTINGS[name], "das": True, **abl["mts"]}))
+        # the auxiliary-loss variant: L(real) + 1 * L(real + produced), the real-only term at full strength
+        out.append((name, "+ DAS, aux loss w=1", {**SETTINGS[name], "das": True, "das_aux_weight": 1.0}))
     return out
 
 
