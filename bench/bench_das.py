@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, both sides")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "das_forward.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default: bench/results/das_forward.json, das_forward_quick.json with --quick)")
     args = parser.parse_args(argv)
+    if args.out is None:  # a quick run never overwrites the full run's result
+        args.out = ROOT / "bench" / "results" / ("das_forward_quick.json" if args.quick else "das_forward.json")
 
     torch.set_num_threads(args.threads)
     hp: dict[str, Any] = {
