@@ -31,7 +31,15 @@ export default function(component) {
     doc.body.appendChild(tip);
   }
   const SHOW = 112;
+  // Each hover shows either our tooltip (and hides Plotly's label, which would repeat it) or,
+  // for a point without a thumbnail (a query star, a graph without sprites), Plotly's label.
+  function plotlyLabel(gd, visible) {
+    const layer = gd.querySelector('.hoverlayer');
+    if (layer) layer.style.visibility = visible ? '' : 'hidden';
+  }
   function show(gd, ev) {
+    plotlyLabel(gd, true);
+    tip.style.display = 'none';
     const m = gd.layout && gd.layout.meta && gd.layout.meta.thumbs;
     const p = ev.points && ev.points[0];
     if (!m || !p || p.customdata === undefined || p.customdata === null) return;
@@ -51,9 +59,7 @@ export default function(component) {
     const name = String((p.data && p.data.name) || '');
     tip.querySelector('.text').textContent = (name ? name + ' · ' : '') +
       (cd.length > 1 ? 'round ' + cd[1] + ' · anchor #' + id : '#' + id);
-    // our tooltip says all that Plotly's label would: hide the label, keep the hover events
-    const layer = gd.querySelector('.hoverlayer');
-    if (layer) layer.style.visibility = 'hidden';
+    plotlyLabel(gd, false);
     const e = ev.event || {};
     tip.style.left = ((e.clientX || 0) + 18) + 'px';
     tip.style.top = ((e.clientY || 0) + 18) + 'px';
