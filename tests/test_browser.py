@@ -133,6 +133,7 @@ def assert_clean(page: Any, allow_errors: tuple[str, ...] = ()) -> None:
 # point's is its anchor's).
 ISOLATED_POINT = """([key, wantReal]) => {
   const gd = document.querySelector('.st-key-' + key + ' .js-plotly-plot');
+  gd.scrollIntoView({block: 'center', behavior: 'instant'});  // the mouse only reaches the window
   const fl = gd._fullLayout, xa = fl.xaxis, ya = fl.yaxis, box = gd.getBoundingClientRect();
   const pts = [];
   gd._fullData.forEach((t, ti) => {
@@ -143,11 +144,24 @@ ISOLATED_POINT = """([key, wantReal]) => {
       pts.push({px, py, real, id: +t.customdata[i][0], trace: t.name});
     }
   });
+  // A point the mouse can reach: inside the plot area, inside the window, and with the plot's
+  // own drag layer on top (not under the modebar, which shows in a corner of the plot while
+  // the mouse is over it, nor the legend). Which point is the most isolated depends on the
+  // trained run, so on another machine it can sit in such a corner.
+  const bar = gd.querySelector('.modebar');
+  const mb = bar ? bar.getBoundingClientRect() : null;
+  const reachable = (p) => {
+    if (p.px < 0 || p.py < 0 || p.px > window.innerWidth - 1 || p.py > window.innerHeight - 1) return false;
+    if (mb && p.px > mb.left - 10 && p.px < mb.right + 10 && p.py > mb.top - 10 && p.py < mb.bottom + 10) return false;
+    const el = document.elementFromPoint(p.px, p.py);
+    return !!el && gd.contains(el) && el.classList.contains('nsewdrag');
+  };
   let best = null, bestD = -1;
   for (const p of pts) {
     if (p.real !== wantReal) continue;
     if (p.px < box.left + xa._offset + 10 || p.px > box.left + xa._offset + xa._length - 10) continue;
     if (p.py < box.top + ya._offset + 10 || p.py > box.top + ya._offset + ya._length - 10) continue;
+    if (!reachable(p)) continue;
     let d = Infinity;
     for (const q of pts) { if (q !== p) d = Math.min(d, Math.hypot(p.px - q.px, p.py - q.py)); }
     if (d > bestD) { bestD = d; best = p; }
