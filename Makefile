@@ -37,15 +37,25 @@ $(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
 setup: $(RUNTIME_STAMP) data
 setup-dev: $(DEV_STAMP) data browser
 
+EMOJI_NPZ := data/emoji-styles/emoji-styles-64.npz
+EMOJI_ASSETS := das_core/data/emoji_styles
+
 # Fashion-MNIST from Debian's package where we can install it (root + apt); otherwise the
-# library says so and falls back to scikit-learn's bundled digits.
-data:
+# library says so and falls back to scikit-learn's bundled digits. Then emoji-styles.
+data: $(EMOJI_NPZ)
 	@if ls $(FASHION_DIR)/train-images-idx3-ubyte* >/dev/null 2>&1 || ls data/fashion-mnist/train-images-idx3-ubyte* >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
 	  $(APT) install dataset-fashion-mnist >/dev/null 2>&1 || { $(APT) update >/dev/null 2>&1; $(APT) install dataset-fashion-mnist >/dev/null 2>&1; } \
 	  || echo "warning: could not install dataset-fashion-mnist; DAS Explorer will fall back to digits"; \
 	else echo "note: Fashion-MNIST is not installed (as root: apt-get install dataset-fashion-mnist); falling back to digits"; fi
+
+# emoji-styles: npm ci of the pinned Iconify sets into data/emoji-styles/npm, rendered once at
+# 64 px (about 100 s on 2 cores). Rebuilt only when the lock file, split or near-duplicate list
+# changes; offline it says so and the tests that need it skip.
+$(EMOJI_NPZ): $(EMOJI_ASSETS)/package-lock.json $(EMOJI_ASSETS)/split.json $(EMOJI_ASSETS)/near_duplicates.json | $(RUNTIME_STAMP)
+	@$(THREADS) $(PY) -m das_core data download emoji-styles && touch $@ \
+	  || echo "warning: emoji-styles could not be built (see above); tests that need it will skip"
 
 # Headless Chromium for the browser tests, from Debian (never `playwright install`).
 browser:

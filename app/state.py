@@ -96,17 +96,17 @@ def model(ckpt: Checkpoint) -> Any:
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the dataset…")
 def _splits(dataset: str, data_root: str | None, train_classes: int | None, val_classes: int,
-            val_fraction: float, seed: int) -> DatasetSplits:
+            val_fraction: float, seed: int, image_size: int | None = None) -> DatasetSplits:
     from das_core.data import load_splits
 
     return load_splits(dataset, data_root, train_classes=train_classes, val_classes=val_classes,
-                       val_fraction=val_fraction, seed=seed)
+                       val_fraction=val_fraction, seed=seed, image_size=image_size)
 
 
 def splits(ckpt: Checkpoint) -> DatasetSplits:
     """The dataset splits the checkpoint was trained on."""
     c = ckpt.config
-    return _splits(c.dataset, c.data_root, c.train_classes, c.val_classes, c.val_fraction, c.seed)
+    return _splits(c.dataset, c.data_root, c.train_classes, c.val_classes, c.val_fraction, c.seed, c.image_size)
 
 
 def checkpoint_key(ckpt: Checkpoint) -> str:

@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     chk = dsub.add_parser("check", help="say where a dataset is found and how big its splits are")
     chk.add_argument("name")
     chk.add_argument("--root", default=None)
-    dl = dsub.add_parser("download", help="download and extract a dataset")
+    chk.add_argument("--size", type=int, default=None, help="emoji-styles: the rendered size in pixels (default 64)")
+    dl = dsub.add_parser("download", help="download and extract a dataset (emoji-styles: install and render)")
     dl.add_argument("name")
     dl.add_argument("--root", default=None, help="target folder (default: data/<name>)")
+    dl.add_argument("--size", type=int, default=None, help="emoji-styles: render at this many pixels (default 64)")
     demo = sub.add_parser("demo", help="the embedded demo checkpoints")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     build = demo_sub.add_parser("build", help="retrain the demo checkpoints into assets/demo (make demo-model)")
@@ -218,6 +220,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from das_core.data import load_splits
 
+    if args.name == "emoji-styles":
+        from das_core.data.emoji_styles import cmd_emoji_styles
+
+        return cmd_emoji_styles(args.data_command, args.root, args.size)
     if args.data_command == "download":
         from pathlib import Path
 

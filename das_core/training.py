@@ -219,6 +219,7 @@ def train(
         val_classes=cfg.val_classes,
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
+        image_size=cfg.image_size,
     )
     for note in splits.notes:
         log.warning(note)
@@ -498,4 +499,5 @@ def load_splits_for(cfg: TrainConfig, data_root: str | None = None) -> DatasetSp
         val_classes=cfg.val_classes,
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
+        image_size=cfg.image_size,
     )

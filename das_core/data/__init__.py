@@ -28,6 +28,7 @@ _LOADERS: dict[str, tuple[str, str]] = {
     "cars196": ("das_core.data.cars", "load_cars196"),
     "sop": ("das_core.data.sop", "load_sop"),
     "folder": ("das_core.data.folder", "load_image_folder"),
+    "emoji-styles": ("das_core.data.emoji_styles", "load_emoji_styles"),
 }
 DATASET_NAMES = tuple(_LOADERS)
 
@@ -48,12 +49,16 @@ def load_splits(
     val_classes: int = 0,
     val_fraction: float = 0.0,
     seed: int = 0,
+    image_size: int | None = None,
 ) -> DatasetSplits:
-    """Load dataset ``name`` and carve the validation split off its training classes."""
+    """Load dataset ``name`` and carve the validation split off its training classes.
+    ``image_size``: the model's input size; emoji-styles is rendered at it when above 64 px."""
     loader = get_loader(name)
     kwargs: dict[str, Any] = {}
     if name == "folder":
         kwargs["train_classes"] = train_classes
+    if name == "emoji-styles" and image_size is not None and image_size > 64:
+        kwargs["size"] = image_size
     if name == "digits":
         splits = loader()
     else:
