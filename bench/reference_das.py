@@ -7,6 +7,12 @@ deterministic parts of ``das_core.das.DenselyAnchoredSampling`` (frequency
 recorder, mask, bank contents) and the speed reference of ``bench/bench_das.py``.
 It is not used by the library. Its random draws are not in the same order as the
 vectorised module's, so produced rows agree only in distribution.
+
+``bank_overflow="authors"`` ports the authors' ring buffer (``MemoryBank.enqueue_dequeue``
+in ``modules/embedding_producer.py`` of lizhaoliu-Lec/DAS, lines 203-232) one class push at a
+time: more than ``Z`` pairs overwrite the whole buffer with the last ``Z`` and leave the
+pointer where it was; otherwise the pairs go in at the pointer, wrapping around.
+``gamma_range=(low, high)`` draws ``γ ~ U[low, high)`` as their ``range_rand`` (line 11).
 """
 
 from __future__ import annotations
@@ -38,8 +44,13 @@ class ReferenceDAS:
         detach: bool = True,
         use_dfs: bool = True,
         use_mts: bool = True,
+        gamma_range: tuple[float, float] | None = None,
+        bank_overflow: str = "fifo",
     ) -> None:
         self.num_classes = num_classes
+        self.gamma_range = gamma_range
+        self.bank_overflow = bank_overflow
+        self.filled = [0] * num_classes  # rows of the ring in use (authors' mode: non-zero rows)
         self.dim = dim
         self.num_produce = num_produce
         self.topk = topk
@@ -77,6 +88,7 @@ class ReferenceDAS:
                 top = torch.topk(emb[i], self.topk).indices
                 self.frequency[y, top] += 1
         if self.use_mts:
+            pairs: dict[int, list[Tensor]] = {}  # per class, in row-major (i, j) order
             for i in range(n):
                 yi = labels[i].item()
                 for j in range(n):
@@ -85,11 +97,38 @@ class ReferenceDAS:
                     diff = emb[i] - emb[j]
                     if torch.count_nonzero(diff).item() == 0:  # identical images
                         continue
-                    c = int(yi)
-                    self.banks[c].append(diff.clone())
+                    pairs.setdefault(int(yi), []).append(diff.clone())
+            for c, new in pairs.items():
+                if self.bank_overflow == "authors":
+                    self._push_authors(c, new)
+                    continue
+                for diff in new:
+                    self.banks[c].append(diff)
                     # the same push on a physical ring buffer (slot = pointer, then advance)
                     self.ring[c, self.ring_ptr[c]] = diff
                     self.ring_ptr[c] = (self.ring_ptr[c] + 1) % self.bank_size
+                    self.filled[c] = min(self.filled[c] + 1, self.bank_size)
+
+    def _push_authors(self, c: int, new: list[Tensor]) -> None:
+        """One class's pairs of one batch into its ring, as the authors' ``enqueue_dequeue``."""
+        z, q, ptr = self.bank_size, len(new), self.ring_ptr[c]
+        if q > z:  # overflow: the last Z pairs fill the buffer from slot 0; the pointer stays
+            for k in range(z):
+                self.ring[c, k] = new[q - z + k]
+        elif ptr + q > z:  # wrap around: the end part, then the beginning
+            head = z - ptr
+            for k in range(head):
+                self.ring[c, ptr + k] = new[k]
+            for k in range(q - head):
+                self.ring[c, k] = new[head + k]
+            self.ring_ptr[c] = q - head
+        else:
+            for k in range(q):
+                self.ring[c, ptr + k] = new[k]
+            self.ring_ptr[c] = ptr + q
+        self.filled[c] = int((self.ring[c].abs().sum(1) > 0).sum().item())
+        # the authors' pointer can equal Z (it wraps on the next push); the module keeps it mod Z
+        self.ring_ptr[c] %= z
 
     def produce(
         self,
@@ -117,12 +156,13 @@ class ReferenceDAS:
                 y = int(labels[i].item())
                 v = src[i].float()
                 if use_dfs:
-                    gamma = torch.rand(self.dim, generator=generator) * (2 * r_s) + (1 - r_s)
+                    low, high = (1 - r_s, 1 + r_s) if self.gamma_range is None else self.gamma_range
+                    gamma = torch.rand(self.dim, generator=generator) * (high - low) + low
                     scale = torch.where(self.mask_of(y, topk), gamma, torch.ones(self.dim))
                 else:
                     scale = torch.ones(self.dim)
                 new = scale * v
-                bank = self.banks[y]
+                bank = list(self.banks[y]) if self.bank_overflow != "authors" else list(self.ring[y, : self.filled[y]])
                 if use_mts and len(bank) > 0:
                     k = int(torch.randint(len(bank), (1,), generator=generator).item())
                     new = new + r_b * bank[k]

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show a checkpoint's metadata")
     info.add_argument("checkpoint")
 
-    sub.add_parser("presets", help="list the training presets")
+    pr = sub.add_parser("presets", help="list the training presets")
+    pr.add_argument("--json", action="store_true", help="every preset's fully resolved config as one JSON object")
 
     data = sub.add_parser("data", help="locate or download datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -176,7 +177,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_table(rows)
     if result.selected_epoch is not None:
         print(f"selected epoch (best validation {cfg.select_metric}): {result.selected_epoch} -> best.safetensors")
+    _print_best_test(_best_test_of_run(result.out_dir))
     return 0
+
+
+def _best_test_of_run(run_dir: Any) -> dict[str, Any] | None:
+    """The clearly labelled best-test-epoch figure of a run folder's ``summary.json`` (or None)."""
+    from pathlib import Path
+
+    from das_core.io import read_json_object
+
+    summary = read_json_object(Path(run_dir) / "summary.json") or {}
+    best = summary.get("best_test_epoch")
+    return best if isinstance(best, dict) else None
+
+
+def _print_best_test(best: dict[str, Any] | None) -> None:
+    if best is None:
+        return
+    print(
+        f"paper-style figure (NOT a model selection: best epoch on the test set, as the authors report): "
+        f"test {best.get('metric')} {100 * float(best.get('value', float('nan'))):.2f} at epoch {best.get('epoch')}"
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -193,11 +215,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     emb, labels = embed_dataset(model, splits.get(args.split), batch_size=args.batch_size, device=device)
     metrics = evaluate_embeddings(emb, labels)
+    best = _best_test_of_run(ckpt.path.parent)
     if args.json:
-        print(json.dumps({"checkpoint": str(ckpt.path), "split": args.split, **metrics}, indent=2))
+        extra = {"best_test_epoch": best} if best is not None else {}
+        print(json.dumps({"checkpoint": str(ckpt.path), "split": args.split, **metrics, **extra}, indent=2))
     else:
         print(f"{ckpt.path}  ({ckpt.dataset}, {args.split} split: {len(labels)} images, {len(set(labels.tolist()))} classes)")
         _print_table({args.split: metrics})
+        _print_best_test(best)
     return 0
 
 
@@ -205,13 +230,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     from das_core.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
-    print(json.dumps({**ckpt.summary(), "metrics": ckpt.metrics, "config": ckpt.config.to_dict()}, indent=2))
+    best = _best_test_of_run(ckpt.path.parent)
+    extra = {"best_test_epoch": best} if best is not None else {}
+    print(json.dumps({**ckpt.summary(), "metrics": ckpt.metrics, **extra, "config": ckpt.config.to_dict()}, indent=2))
     return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from das_core.presets import PRESETS
 
+    if getattr(args, "json", False):
+        print(json.dumps({name: preset.config().to_dict() for name, preset in PRESETS.items()}, indent=2))
+        return 0
     for name, preset in PRESETS.items():
         print(f"{name:<24} {preset.description}")
     return 0

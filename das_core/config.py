@@ -127,7 +127,18 @@ class TrainConfig:
     backbone: str = _opt("small-cnn", "feature extractor", "model", choices=BACKBONES)
     embedding_dim: int = _opt(128, "size of the L2-normalised embedding", "model", low=2, high=8192)
     pretrained: bool = _opt(True, "start from ImageNet weights (ResNet-50, EfficientNet-Lite0)", "model")
-    freeze_bn: bool = _opt(True, "freeze BatchNorm statistics and affine parameters (ResNet-50)", "model")
+    freeze_bn: bool = _opt(True, "freeze BatchNorm: running statistics fixed, layers in eval mode (ResNet-50, BN-Inception)", "model")
+    freeze_bn_affine: bool = _opt(
+        True,
+        "with freeze_bn: also freeze BatchNorm's affine weights (off: they train, as in the authors' code)",
+        "model",
+    )
+    normalize_embeddings: bool = _opt(
+        True,
+        "L2-normalise the embeddings the loss sees (off: raw embeddings for lifted / N-pair, as the authors; "
+        "evaluation and the app always normalise)",
+        "model",
+    )
     pooling: str = _opt("avg", "global pooling of the backbone's feature map", "model", choices=("avg", "avg+max"))
     channels_last: bool = _opt(True, "use channels_last memory format on CUDA", "model")
     # -- loss and miner -----------------------------------------------------------------------
@@ -140,6 +151,21 @@ class TrainConfig:
         low=0.0,
         low_open=True,
         high=100.0,
+    )
+    triplet_form: str = _opt(
+        "plain",
+        "triplet loss form: plain (distances, mean over non-zero triplets; PML's default) or squared "
+        "(squared distances, mean over all mined triplets; the authors' loss/triplet.py)",
+        "loss",
+        choices=("plain", "squared"),
+    )
+    embedding_l2: float = _opt(
+        0.0,
+        "weight of an L2 penalty, mean embedding norm of the (DAS-enlarged) batch (the authors: 0.005 for "
+        "lifted and N-pair, with --no-normalize-embeddings)",
+        "loss",
+        low=0.0,
+        high=10.0,
     )
     margin_beta: float = _opt(1.2, "margin loss: initial (learnable) boundary beta", "loss", low=0.0, high=10.0)
     ms_alpha: float = _opt(2.0, "multi-similarity: positive scale alpha", "loss", low=0.0, low_open=True)
@@ -177,6 +203,17 @@ class TrainConfig:
     das_r_s: float = _opt(
         0.01, "r_s: scale range, gamma ~ U[1-r_s, 1+r_s]", "das", low=0.0, high=1.0, low_open=True, high_open=True
     )
+    das_gamma_low: float | None = _opt(
+        None,
+        "asymmetric scale range: gamma ~ U[low, high) (set both; default: 1 - r_s)",
+        "das",
+        low=0.0,
+        low_open=True,
+        high=100.0,
+    )
+    das_gamma_high: float | None = _opt(
+        None, "asymmetric scale range: upper end (default: 1 + r_s)", "das", low=0.0, low_open=True, high=100.0
+    )
     das_r_b: float = _opt(0.01, "r_b: weight of the memorised shift", "das", low=0.0, high=100.0)
     das_normalize: bool = _opt(True, "L2-normalise produced embeddings", "das")
     das_detach: bool = _opt(True, "produce from a detached copy of the real embeddings", "das")
@@ -185,6 +222,13 @@ class TrainConfig:
         "which half of DAS produces: both, dfs (scaling only) or mts (shifting only)",
         "das",
         choices=("both", "dfs", "mts"),
+    )
+    das_bank_overflow: str = _opt(
+        "fifo",
+        "a class bringing more than Z pairs to one batch: fifo (push all in order; the last Z remain) or "
+        "authors (bank overwritten by the last Z, pointer kept; their embedding_producer.py)",
+        "das",
+        choices=("fifo", "authors"),
     )
     das_aux_weight: float = _opt(
         0.0,
@@ -199,10 +243,30 @@ class TrainConfig:
     weight_decay: float = _opt(4e-4, "weight decay", "optim", low=0.0, high=1.0)
     batch_size: int = _opt(100, "real images per batch (classes x samples per class)", "optim", low=2, high=65536)
     samples_per_class: int = _opt(20, "images of each class in a batch", "optim", low=1, high=65536)
+    class_sampling: str = _opt(
+        "distinct",
+        "batch sampler: distinct (batch_size / samples_per_class different classes) or replacement (classes "
+        "and images drawn with replacement, as the authors: a class can come twice)",
+        "optim",
+        choices=("distinct", "replacement"),
+    )
     epochs: int = _opt(5, "training epochs", "optim", low=1, high=100000)
     steps_per_epoch: int | None = _opt(
         None, "batches per epoch (default: training images / batch size)", "optim", low=1
     )
+    lr_schedule: str = _opt(
+        "constant",
+        "learning-rate schedule, set per epoch: constant, multistep (x lr_factor at each milestone) or cosine",
+        "optim",
+        choices=("constant", "multistep", "cosine"),
+    )
+    lr_milestones: str = _opt(
+        "",
+        "multistep: comma-separated epoch counts after which the lr is multiplied by lr_factor (e.g. 200,250)",
+        "optim",
+        metavar="E1,E2",
+    )
+    lr_factor: float = _opt(0.3, "multistep: the lr multiplier at each milestone", "optim", low=0.0, low_open=True, high=1.0)
     amp: bool = _opt(True, "automatic mixed precision (CUDA only; ignored on CPU)", "optim")
     # -- run ----------------------------------------------------------------------------------
     seed: int = _opt(0, "random seed (same seed, same metrics on CPU)", "run", low=0, high=2**31 - 1)
@@ -283,6 +347,21 @@ class TrainConfig:
             raise ConfigError(
                 "das_topk", self.das_topk, f"must be <= embedding_dim={self.embedding_dim}"
             )
+        self.milestones()  # raises ConfigError on a malformed list
+        if self.lr_schedule == "multistep" and not self.lr_milestones.strip():
+            raise ConfigError("lr_milestones", self.lr_milestones, "multistep needs milestones, e.g. 200,250")
+        if (self.das_gamma_low is None) != (self.das_gamma_high is None):
+            raise ConfigError(
+                "das_gamma_low" if self.das_gamma_low is None else "das_gamma_high",
+                None,
+                "give both ends of the asymmetric scale range (das_gamma_low and das_gamma_high), or neither",
+            )
+        if self.das_gamma_low is not None and self.das_gamma_high is not None and not (
+            self.das_gamma_low < self.das_gamma_high
+        ):
+            raise ConfigError(
+                "das_gamma_high", self.das_gamma_high, f"must be > das_gamma_low={self.das_gamma_low}"
+            )
         if self.val_classes and self.val_fraction:
             raise ConfigError(
                 "val_fraction",
@@ -299,6 +378,27 @@ class TrainConfig:
             )
         if self.backbone == "small-cnn" and self.image_size is not None and self.image_size < 16:
             raise ConfigError("image_size", self.image_size, "the small CNN needs at least 16 pixels")
+
+    def milestones(self) -> tuple[int, ...]:
+        """``lr_milestones`` as epoch counts (strictly increasing, >= 1)."""
+        text = self.lr_milestones.strip()
+        if not text:
+            return ()
+        try:
+            values = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise ConfigError(
+                "lr_milestones", self.lr_milestones, "comma-separated whole numbers of epochs, e.g. 200,250"
+            ) from None
+        if any(v < 1 for v in values) or any(b <= a for a, b in zip(values, values[1:], strict=False)):
+            raise ConfigError("lr_milestones", self.lr_milestones, "epoch counts >= 1, strictly increasing")
+        return values
+
+    def gamma_range(self) -> tuple[float, float]:
+        """The DFS scale range ``[low, high)``: the asymmetric ends when set, else ``1 ∓ r_s``."""
+        if self.das_gamma_low is not None and self.das_gamma_high is not None:
+            return (self.das_gamma_low, self.das_gamma_high)
+        return (1.0 - self.das_r_s, 1.0 + self.das_r_s)
 
     @property
     def samples_needed_classes(self) -> int:

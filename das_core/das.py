@@ -38,6 +38,7 @@ from torch import Tensor, nn
 __all__ = ["DASDtypeError", "DenselyAnchoredSampling"]
 
 BankPath = Literal["compact", "fixed"]
+BankOverflow = Literal["fifo", "authors"]
 
 # Largest number of elements of one chunk of the pairwise "is v_i − v_j a zero row"
 # test in the fixed-shape bank path (bounds its temporary memory to 64 MiB of float32).
@@ -79,6 +80,16 @@ def _check_r_b(value: object) -> float:
     return float(value)
 
 
+def _check_gamma_range(value: object) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, tuple | list) and len(value) == 2
+    lo, hi = (float(value[0]), float(value[1])) if ok else (0.0, 0.0)  # type: ignore[index]
+    if not ok or not (0.0 < lo < hi and math.isfinite(hi)):
+        raise ValueError(f"gamma_range={value!r} is not allowed: must be (low, high) with 0 < low < high")
+    return (lo, hi)
+
+
 def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is not allowed: must be True or False")
@@ -102,6 +113,13 @@ class DenselyAnchoredSampling(nn.Module):
             loss; the real embeddings still get gradients through the pairs they form).
         use_dfs: discriminative feature scaling on (frequency recorder + mask + scale).
         use_mts: memorized transformation shifting on (banks + shift).
+        gamma_range: ``(low, high)``: an asymmetric scale range, ``γ ~ U[low, high)``,
+            instead of ``1 ∓ r_s`` (the authors' SOP runs: ``(0.5, 2.0)``).
+        bank_overflow: ``"fifo"`` (default): a class bringing ``n > Z`` pairs to one batch
+            pushes them all in order, so its last ``Z`` remain and the pointer advances by
+            ``n``. ``"authors"``: as the authors' ``MemoryBank.enqueue_dequeue``, the bank is
+            overwritten with the last ``Z`` pairs in slots ``0..Z-1`` and the pointer is not
+            advanced (same rows, another slot layout, so later pushes evict other rows).
 
     State (registered buffers, all on the module's device):
         ``frequency`` ``(C, d)`` float32 counts ``P``; ``bank`` ``(C, Z, d)`` float32;
@@ -128,6 +146,8 @@ class DenselyAnchoredSampling(nn.Module):
         detach: bool = True,
         use_dfs: bool = True,
         use_mts: bool = True,
+        gamma_range: tuple[float, float] | None = None,
+        bank_overflow: BankOverflow = "fifo",
     ) -> None:
         super().__init__()
         self.num_classes = _check_int("num_classes", num_classes, 1)
@@ -141,6 +161,10 @@ class DenselyAnchoredSampling(nn.Module):
         self.detach = _check_bool("detach", detach)
         self.use_dfs = _check_bool("use_dfs", use_dfs)
         self.use_mts = _check_bool("use_mts", use_mts)
+        self.gamma_range = _check_gamma_range(gamma_range)
+        if bank_overflow not in ("fifo", "authors"):
+            raise ValueError(f"bank_overflow={bank_overflow!r} is not allowed: must be 'fifo' or 'authors'")
+        self.bank_overflow: BankOverflow = bank_overflow
         # Which bank-update implementation to use: None picks by device ("compact" on CPU,
         # "fixed" elsewhere). Tests set it to compare the two.
         self._bank_path: BankPath | None = None
@@ -167,6 +191,8 @@ class DenselyAnchoredSampling(nn.Module):
             "detach": self.detach,
             "use_dfs": self.use_dfs,
             "use_mts": self.use_mts,
+            "gamma_range": self.gamma_range,
+            "bank_overflow": self.bank_overflow,
         }
 
     @classmethod
@@ -288,6 +314,7 @@ class DenselyAnchoredSampling(nn.Module):
             if self.use_dfs:
                 self._update_frequency(x, labels)
             if self.use_mts:
+                ptr_before = self.bank_ptr.clone() if self.bank_overflow == "authors" else None
                 path = self._bank_path or ("compact" if x.device.type == "cpu" else "fixed")
                 if path == "compact":
                     self._update_bank_compact(x, labels)
@@ -295,6 +322,8 @@ class DenselyAnchoredSampling(nn.Module):
                     self._update_bank_fixed(x, labels)
                 else:
                     raise ValueError(f"_bank_path={path!r}: must be 'compact', 'fixed' or None")
+                if ptr_before is not None:
+                    self._authors_overflow(x, labels, ptr_before)
 
     def _update_frequency(self, x: Tensor, labels: Tensor) -> None:
         """Frequency recorder: ``P[y, k] += 1`` for the top-``K`` (signed) dims of each ``v``."""
@@ -339,6 +368,32 @@ class DenselyAnchoredSampling(nn.Module):
         slot = torch.remainder(self.bank_ptr.index_select(0, cls) + rank.index_select(0, w), z)
         self.bank.index_put_((cls, slot), diff.index_select(0, order.index_select(0, w)))
         self._advance_pointers(counts[:c])
+
+    def _authors_overflow(self, x: Tensor, labels: Tensor, ptr_before: Tensor) -> None:
+        """``bank_overflow="authors"``, applied after the FIFO push: for each class with more
+        than ``Z`` valid pairs in this batch, lay its bank out as the authors' code leaves it
+        (the last ``Z`` pairs in slots ``0..Z-1``, oldest first) and restore its pointer.
+
+        After the FIFO push, the pair of rank ``n − Z + k`` sits in slot ``(ptr_new + k) mod Z``
+        (``ptr_new = ptr + n``), so the authors' layout is the bank rolled by ``ptr_new``.
+        Works per sample (``B·Z`` rows, not ``C·Z``); same-class samples write identical rows."""
+        b = x.shape[0]
+        z = self.bank_size
+        ar = torch.arange(b, device=x.device)
+        step = max(1, _PAIR_CHUNK_ELEMENTS // max(1, b * x.shape[1]))
+        nonzero = torch.cat(
+            [_nonzero_rows(x[s : s + step].unsqueeze(1) - x.unsqueeze(0)) for s in range(0, b, step)]
+        )
+        valid = (labels.unsqueeze(1) == labels.unsqueeze(0)) & (ar.unsqueeze(1) != ar.unsqueeze(0)) & nonzero
+        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, labels, valid.sum(1))
+        over = counts.index_select(0, labels) > z  # (B,)
+        ptr_new = self.bank_ptr.index_select(0, labels)
+        slots = torch.remainder(ptr_new.unsqueeze(1) + torch.arange(z, device=x.device), z)  # (B, Z)
+        current = self.bank.index_select(0, labels)  # (B, Z, d)
+        rolled = current.gather(1, slots.unsqueeze(2).expand_as(current))
+        self.bank.index_put_((labels,), torch.where(over.view(-1, 1, 1), rolled, current))
+        self.bank_ptr.index_put_((labels,), torch.where(over, ptr_before.index_select(0, labels), ptr_new))
 
     def _update_bank_fixed(self, x: Tensor, labels: Tensor) -> None:
         """Bank update with fixed shapes and no host synchronisation (the CUDA path).
@@ -433,6 +488,13 @@ class DenselyAnchoredSampling(nn.Module):
             generator=generator,
         )
 
+    def _gamma_bounds(self, r_s: float) -> tuple[float, float]:
+        """The scale range: the module's asymmetric ``gamma_range`` (when set and ``r_s`` is the
+        module's own), else ``[1 − r_s, 1 + r_s]``."""
+        if self.gamma_range is not None and r_s == self.r_s:
+            return self.gamma_range
+        return (1.0 - r_s, 1.0 + r_s)
+
     def _produce(
         self,
         embeddings: Tensor,
@@ -459,7 +521,8 @@ class DenselyAnchoredSampling(nn.Module):
             # indices are exactly those of `self.mask` (same topk call on the same tensor).
             idx = self.frequency.topk(topk, dim=1).indices.index_select(0, labels)  # (B, K)
             gamma = torch.rand(t_rounds, b, topk, generator=generator, device=dev, dtype=torch.float32)
-            gamma = gamma.mul_(2.0 * r_s).add_(1.0 - r_s)  # U[1 - r_s, 1 + r_s]
+            low, high = self._gamma_bounds(r_s)
+            gamma = gamma.mul_(high - low).add_(low)  # U[low, high): [1 - r_s, 1 + r_s] by default
             idx3 = idx.unsqueeze(0).expand(t_rounds, b, topk)
             out = out.scatter(2, idx3, gamma * v.gather(1, idx).unsqueeze(0))
         # `out` is our own tensor from here on (not a view of the input): in-place is safe

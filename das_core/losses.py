@@ -38,12 +38,12 @@ def _module(obj: Any) -> nn.Module:
     return obj
 
 
-def _lp_distance() -> Any:
+def _lp_distance(power: int = 1) -> Any:
     # Embeddings arrive L2-normalised already. PML's default LpDistance re-normalises its
     # inputs, which would silently undo DAS with normalize=False, so it is switched off.
     from pytorch_metric_learning.distances import LpDistance
 
-    return LpDistance(normalize_embeddings=False, p=2, power=1)
+    return LpDistance(normalize_embeddings=False, p=2, power=power)
 
 
 def _margin(cfg: TrainConfig, default: float) -> float:
@@ -53,6 +53,14 @@ def _margin(cfg: TrainConfig, default: float) -> float:
 def _triplet(cfg: TrainConfig, c: int, d: int) -> nn.Module:
     from pytorch_metric_learning.losses import TripletMarginLoss
 
+    if cfg.triplet_form == "squared":
+        # The authors' form (loss/triplet.py): [d(a,p)^2 - d(a,n)^2 + m]_+ averaged over every
+        # mined triplet, zeros included (PML's default averages over the non-zero ones only).
+        from pytorch_metric_learning.reducers import MeanReducer
+
+        return _module(
+            TripletMarginLoss(margin=_margin(cfg, 0.2), distance=_lp_distance(power=2), reducer=MeanReducer())
+        )
     return _module(TripletMarginLoss(margin=_margin(cfg, 0.2), distance=_lp_distance()))
 
 
@@ -180,12 +188,14 @@ class Criterion(nn.Module):
         das: DenselyAnchoredSampling | None = None,
         *,
         aux_weight: float = 0.0,
+        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
         self.loss = loss
         self.miner = miner
         self.das = das
         self.aux_weight = aux_weight
+        self.embedding_l2 = embedding_l2
 
     def _score(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.miner is None:
@@ -202,13 +212,21 @@ class Criterion(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.das is None:
-            score: torch.Tensor = self._score(embeddings, labels)
-            return score
+            return self._penalised(embeddings, labels)
         emb_all, labels_all = self.das(embeddings, labels)
-        enlarged: torch.Tensor = self._score(emb_all, labels_all)
+        enlarged = self._penalised(emb_all, labels_all)
         if self.aux_weight > 0:  # the auxiliary-loss variant: L(real) + w * L(real and produced)
-            return self._score(embeddings, labels) + self.aux_weight * enlarged
+            return self._penalised(embeddings, labels) + self.aux_weight * enlarged
         return enlarged
+
+    def _penalised(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss plus ``embedding_l2 · mean ‖e‖₂`` over the batch it saw (real and produced),
+        as the authors' lifted and N-pair losses regularise their unnormalised embeddings."""
+        score = self._score(embeddings, labels)
+        if self.embedding_l2 <= 0:
+            return score
+        penalty: torch.Tensor = torch.linalg.vector_norm(embeddings, dim=1).mean()
+        return score + self.embedding_l2 * penalty
 
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
         """Optimiser groups for the criterion's own parameters (proxies, margin beta: ``loss_lr``;
@@ -249,6 +267,8 @@ def build_das(cfg: TrainConfig, num_classes: int) -> DenselyAnchoredSampling | N
         detach=cfg.das_detach,
         use_dfs=cfg.das_mode in ("both", "dfs"),
         use_mts=cfg.das_mode in ("both", "mts"),
+        gamma_range=cfg.gamma_range() if cfg.das_gamma_low is not None else None,
+        bank_overflow="authors" if cfg.das_bank_overflow == "authors" else "fifo",
     )
 
 
@@ -272,4 +292,6 @@ def build_criterion(cfg: TrainConfig, num_classes: int) -> Criterion:
         )
     if miner is not None and not spec.takes_miner:
         raise ValueError(f"loss {cfg.loss} takes no miner; use --miner none")
-    return Criterion(loss, miner, build_das(cfg, num_classes), aux_weight=cfg.das_aux_weight)
+    return Criterion(
+        loss, miner, build_das(cfg, num_classes), aux_weight=cfg.das_aux_weight, embedding_l2=cfg.embedding_l2
+    )

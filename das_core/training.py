@@ -94,6 +94,27 @@ def _check_output_dir(out: Path, need_bytes: int) -> None:
         )
 
 
+def lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """The learning-rate multiplier of (1-based) ``epoch``, in closed form so that a resumed run
+    needs no scheduler state. ``multistep`` is torch's ``MultiStepLR`` stepped once per epoch
+    (the authors' ``scripts/standard.py``): ``lr_factor`` to the number of milestones ``<=
+    epoch - 1`` (epochs already done); ``cosine`` is ``CosineAnnealingLR(T_max=epochs)``."""
+    done = epoch - 1
+    if cfg.lr_schedule == "multistep":
+        return float(cfg.lr_factor ** sum(1 for m in cfg.milestones() if m <= done))
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done / cfg.epochs))
+    return 1.0
+
+
+def set_epoch_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
+    """Set every parameter group's lr to its base lr times ``lr_factor``; returns the factor."""
+    factor = lr_factor(cfg, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+    return factor
+
+
 def _optimizer(cfg: TrainConfig, model: EmbeddingNet, criterion: Criterion) -> torch.optim.Optimizer:
     groups: list[dict[str, Any]] = [
         {"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "name": "model"}
@@ -233,6 +254,7 @@ def train(
         num_batches=cfg.steps_per_epoch,
         seed=cfg.seed,
         rank=ctx.rank,
+        replacement=cfg.class_sampling == "replacement",
     )
 
     model = build_model(cfg).to(device)
@@ -303,6 +325,7 @@ def train(
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
         augment.manual_seed(epoch_seed(cfg.seed, epoch) + ctx.rank)
         sampler.set_epoch(epoch)
+        set_epoch_lr(optimizer, cfg, epoch)
         model.train()
         criterion.train()
         loss_sum = torch.zeros((), device=device)
@@ -365,7 +388,12 @@ def train(
             bar.close()
         train_loss = float(loss_sum) / max(1, steps)
 
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "time": time.time() - epoch_start}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "lr": optimizer.param_groups[0]["lr"],
+            "time": time.time() - epoch_start,
+        }
         if not main:  # rank 0 evaluates and writes; the others wait for it
             barrier(ctx)
             continue
@@ -414,6 +442,7 @@ def train(
         "select_metric": cfg.select_metric,
         "selected_epoch": selected_epoch,
         "selected": next((r for r in history if r.get("epoch") == selected_epoch), None),
+        "best_test_epoch": best_test_epoch(history, cfg.select_metric),
         "dataset": splits.name,
         "device": str(device),
         "seconds": time.time() - started,
@@ -423,6 +452,28 @@ def train(
     emit({"event": "done", "out": str(out)})
     shutdown(ctx)
     return TrainResult(out_dir=out, last=last, selected_epoch=selected_epoch, history=history)
+
+
+BEST_TEST_NOTE = (
+    "best epoch ON THE TEST SET, as the authors' code reports (utilities/logger.py:59): for a like-for-like "
+    "comparison with the paper only; it is not a model selection (use 'selected' or 'last')"
+)
+
+
+def best_test_epoch(history: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The epoch with the highest test ``metric`` (the first on ties), clearly labelled: the
+    paper's numbers are selected this way, this project's tables never are."""
+    scored = [r for r in history if isinstance(r.get("test"), dict) and metric in r["test"]]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: (r["test"][metric], -int(r["epoch"])))
+    return {
+        "epoch": best["epoch"],
+        "metric": metric,
+        "value": best["test"][metric],
+        "test": best["test"],
+        "note": BEST_TEST_NOTE,
+    }
 
 
 def make_train_batches(

@@ -78,6 +78,8 @@ def test_defaults_config_and_buffers() -> None:
         "detach": True,
         "use_dfs": True,
         "use_mts": True,
+        "gamma_range": None,
+        "bank_overflow": "fifo",
     }
     sd = das.state_dict()
     assert set(sd) == {"frequency", "bank", "bank_filled", "bank_ptr"}

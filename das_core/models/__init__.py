@@ -18,18 +18,27 @@ BACKBONE_NAMES = ("small-cnn", "resnet50", "efficientnet-lite0")
 
 
 class EmbeddingNet(nn.Module):
-    """``x -> normalize(W · backbone(x) + b)``: unit-length embeddings of ``embedding_dim``."""
+    """``x -> normalize(W · backbone(x) + b)``: unit-length embeddings of ``embedding_dim``.
 
-    def __init__(self, backbone: Backbone, embedding_dim: int, preprocessing: Preprocessing) -> None:
+    With ``normalize_train=False`` the training forward returns the raw ``W · backbone(x) + b``
+    (the authors' lifted / N-pair runs); in eval mode the output is always unit length, since
+    evaluation, the index and the maps compare unit vectors."""
+
+    def __init__(
+        self, backbone: Backbone, embedding_dim: int, preprocessing: Preprocessing, *, normalize_train: bool = True
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.embed = nn.Linear(backbone.out_features, embedding_dim)
         self.embedding_dim = embedding_dim
         self.preprocessing = preprocessing
+        self.normalize_train = normalize_train
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = self.embed(self.backbone(x))
-        return F.normalize(e.float(), dim=-1)
+        e: torch.Tensor = self.embed(self.backbone(x)).float()
+        if self.training and not self.normalize_train:
+            return e
+        return F.normalize(e, dim=-1)
 
 
 def build_model(cfg: TrainConfig, *, pretrained: bool | None = None) -> EmbeddingNet:
@@ -40,9 +49,10 @@ def build_model(cfg: TrainConfig, *, pretrained: bool | None = None) -> Embeddin
         pretrained=cfg.pretrained if pretrained is None else pretrained,
         freeze_bn=cfg.freeze_bn,
         pooling=cfg.pooling,
+        freeze_affine=cfg.freeze_bn_affine,
     )
     prep = backbone.preprocessing.with_size(cfg.image_size)
-    return EmbeddingNet(backbone, cfg.embedding_dim, prep)
+    return EmbeddingNet(backbone, cfg.embedding_dim, prep, normalize_train=cfg.normalize_embeddings)
 
 
 __all__ = ["BACKBONE_NAMES", "Backbone", "EmbeddingNet", "ModelError", "Preprocessing", "build_backbone", "build_model"]

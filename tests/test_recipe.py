@@ -1,0 +1,376 @@
+"""The authors' recipe options (issue 10): each checked against a hand-written formula, the
+authors' behaviour (bench/reference_das.py's loop port) or torch's own implementation."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from das_core.config import ConfigError, TrainConfig
+from das_core.das import DenselyAnchoredSampling
+from das_core.data.sampler import MPerClassBatchSampler
+from das_core.losses import build_criterion
+from das_core.presets import PRESETS
+from das_core.training import best_test_epoch, lr_factor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.reference_das import ReferenceDAS
+
+# ---------------------------------------------------------------------------- triplet forms
+
+
+def _all_triplets(labels: torch.Tensor) -> list[tuple[int, int, int]]:
+    n = len(labels)
+    return [
+        (a, p, q)
+        for a in range(n)
+        for p in range(n)
+        for q in range(n)
+        if a != p and labels[a] == labels[p] and labels[q] != labels[a]
+    ]
+
+
+@pytest.mark.parametrize("form", ["plain", "squared"])
+def test_triplet_forms_match_hand_written_formulas(form: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(12, 6, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    cfg = TrainConfig(loss="triplet", miner="none", triplet_form=form, margin=0.2)
+    got = build_criterion(cfg, 4)(emb, labels)
+    terms = []
+    for a, p, q in _all_triplets(labels):
+        d_ap, d_an = (emb[a] - emb[p]).norm(), (emb[a] - emb[q]).norm()
+        if form == "squared":  # the authors' loss/triplet.py: squared distances, mean over all
+            terms.append(torch.relu(d_ap**2 - d_an**2 + 0.2))
+        else:  # PML's default: plain distances, mean over the non-zero terms
+            terms.append(torch.relu(d_ap - d_an + 0.2))
+    t = torch.stack(terms)
+    want = t.mean() if form == "squared" else t[t > 0].mean()
+    assert (t == 0).any() and (t > 0).any()  # both reductions are exercised: they differ here
+    # float64, a few hundred terms of O(1): rounding differences of order 1e-15, far below 1e-10
+    assert float(got) == pytest.approx(float(want), abs=1e-10)
+
+
+# ---------------------------------------------------------------------------- batch sampler
+
+
+def test_sampler_with_replacement_class_and_image_counts() -> None:
+    n_classes, per_class, draws = 100, 30, 56
+    labels = np.repeat(np.arange(n_classes), per_class)
+    s = MPerClassBatchSampler(labels, 2 * draws, 2, num_batches=2000, seed=5, replacement=True)
+    distinct, four, same_image, groups = [], 0, 0, 0
+    for batch in s:
+        assert len(batch) == 2 * draws
+        y = labels[batch]
+        counts = np.bincount(y, minlength=n_classes)
+        distinct.append(int((counts > 0).sum()))
+        four += int((counts >= 4).any())
+        for i in range(0, len(batch), 2):  # each draw: 2 images of one class, with replacement
+            assert y[i] == y[i + 1]
+            groups += 1
+            same_image += int(batch[i] == batch[i + 1])
+    # Expected distinct classes of 56 uniform draws from 100: 100 (1 - 0.99^56) = 43.0; the
+    # per-batch count has sd < 3, so the mean of 2000 batches is within 5 standard errors (0.33).
+    expected = n_classes * (1 - (1 - 1 / n_classes) ** draws)
+    assert abs(np.mean(distinct) - expected) < 5 * 3 / math.sqrt(2000)
+    assert four > 1500  # P(some class drawn twice in 56 of 100) > 0.999
+    # the same image twice: p = 1/30 per draw; 112,000 draws, sd of the rate 0.00054 -> 5 sd
+    assert abs(same_image / groups - 1 / per_class) < 5 * math.sqrt((1 / 30) * (29 / 30) / groups)
+
+
+def test_sampler_distinct_default_unchanged() -> None:
+    labels = np.repeat(np.arange(100), 30)
+    for batch in MPerClassBatchSampler(labels, 112, 2, num_batches=50, seed=5):
+        counts = np.bincount(labels[batch])
+        assert int((counts > 0).sum()) == 56 and counts.max() == 2
+        assert len(set(batch)) == 112
+
+
+def test_replacement_sampler_may_ask_more_draws_than_classes() -> None:
+    labels = np.repeat(np.arange(3), 5)
+    batches = list(MPerClassBatchSampler(labels, 12, 2, num_batches=3, replacement=True))
+    assert all(len(b) == 12 for b in batches)
+    with pytest.raises(Exception, match="needs 6 classes"):
+        MPerClassBatchSampler(labels, 12, 2, num_batches=3)
+
+
+# ---------------------------------------------------------------------------- lr schedule
+
+
+def test_multistep_lr_per_epoch_matches_torch_multisteplr() -> None:
+    cfg = TrainConfig(lr_schedule="multistep", lr_milestones="200,250", lr_factor=0.3, epochs=300, lr=1e-5)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[200, 250], gamma=0.3)
+    for epoch in range(1, 301):  # the authors step once after each epoch (scripts/standard.py)
+        assert 1e-5 * lr_factor(cfg, epoch) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        sched.step()
+    assert lr_factor(cfg, 200) == 1.0 and lr_factor(cfg, 201) == pytest.approx(0.3)
+    assert lr_factor(cfg, 251) == pytest.approx(0.09) and lr_factor(cfg, 300) == pytest.approx(0.09)
+
+
+def test_cosine_and_constant_lr_per_epoch() -> None:
+    cfg = TrainConfig(lr_schedule="cosine", epochs=20, lr=1e-3)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+    for epoch in range(1, 21):
+        assert 1e-3 * lr_factor(cfg, epoch) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sched.step()
+    assert all(lr_factor(TrainConfig(), e) == 1.0 for e in range(1, 10))
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"lr_schedule": "multistep"}, "lr_milestones"),
+        ({"lr_milestones": "200,x"}, "lr_milestones"),
+        ({"lr_milestones": "250,200"}, "lr_milestones"),
+        ({"lr_milestones": "0"}, "lr_milestones"),
+        ({"lr_factor": 0.0}, "lr_factor"),
+        ({"das_gamma_low": 0.5}, "das_gamma_high"),
+        ({"das_gamma_high": 2.0}, "das_gamma_low"),
+        ({"das_gamma_low": 2.0, "das_gamma_high": 0.5}, "das_gamma_high"),
+        ({"triplet_form": "cubed"}, "triplet_form"),
+        ({"class_sampling": "sometimes"}, "class_sampling"),
+        ({"das_bank_overflow": "drop"}, "das_bank_overflow"),
+        ({"embedding_l2": -1.0}, "embedding_l2"),
+    ],
+)
+def test_recipe_options_are_validated(values: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_mapping(values)
+    assert info.value.field == field
+
+
+def test_lr_per_epoch_in_a_training_run(tmp_path: Path) -> None:
+    from das_core.io import read_jsonl
+    from das_core.training import train
+
+    cfg = TrainConfig(
+        dataset="digits", backbone="small-cnn", embedding_dim=16, batch_size=20, samples_per_class=4,
+        epochs=3, steps_per_epoch=2, lr=1e-3, lr_schedule="multistep", lr_milestones="1,2", lr_factor=0.5,
+        eval_every=3, device="cpu", out=str(tmp_path / "run"),
+    )
+    train(cfg, show_progress=False)
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- bank overflow
+
+
+@pytest.mark.parametrize("path", ["compact", "fixed"])
+def test_authors_overflow_matches_the_authors_ring_buffer(path: str) -> None:
+    """A class bringing more than Z pairs (3 images: 6 pairs; 4 images: 12 > Z = 4) overwrites
+    the bank with the last Z and keeps its pointer, exactly as the loop port of the authors'
+    MemoryBank; FIFO gives the same rows in another layout, so later pushes differ."""
+    c, d, z = 4, 6, 4
+    g = torch.Generator().manual_seed(1)
+    das = DenselyAnchoredSampling(c, d, bank_size=z, bank_overflow="authors")
+    das._bank_path = path  # type: ignore[assignment]
+    fifo = DenselyAnchoredSampling(c, d, bank_size=z)
+    fifo._bank_path = path  # type: ignore[assignment]
+    ref = ReferenceDAS(c, d, bank_size=z, bank_overflow="authors")
+    batches = [
+        [0, 0, 1, 1, 2, 2],  # 2 pairs each: pointers move to 2
+        [0, 0, 0, 1, 1, 3, 3, 3, 3],  # class 0: 6 > 4 pairs, class 3: 12 > 4 (empty bank)
+        [0, 0, 1, 1, 1, 3, 3],  # wrap-arounds after the overflow
+        [0, 0, 0, 0, 2, 2],
+    ]
+    differs = False
+    for labels_list in batches:
+        labels = torch.tensor(labels_list)
+        x = torch.randn(len(labels), d, generator=g)
+        das.update(x, labels)
+        fifo.update(x, labels)
+        ref.update(x, labels)
+        assert torch.equal(das.bank, ref.ring)
+        assert das.bank_ptr.tolist() == ref.ring_ptr
+        assert das.bank_filled.tolist() == ref.filled
+        differs |= not torch.equal(das.bank, fifo.bank)
+    assert differs
+
+
+def test_authors_overflow_without_overflow_is_fifo() -> None:
+    g = torch.Generator().manual_seed(2)
+    a = DenselyAnchoredSampling(3, 5, bank_size=10, bank_overflow="authors")
+    b = DenselyAnchoredSampling(3, 5, bank_size=10)
+    for _ in range(6):
+        labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        x = torch.randn(6, 5, generator=g)
+        a.update(x, labels)
+        b.update(x, labels)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+
+
+# ---------------------------------------------------------------------------- asymmetric gamma
+
+
+def test_asymmetric_gamma_range() -> None:
+    das = DenselyAnchoredSampling(
+        2, 16, topk=4, num_produce=50, use_mts=False, normalize=False, gamma_range=(0.5, 2.0)
+    )
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(200, 16, generator=g) + 0.5  # positive: the ratio is gamma itself
+    labels = torch.arange(200) % 2
+    das.update(x, labels)
+    out = das.produce(x, labels, generator=g).view(50, 200, 16)
+    ratio = out / x.unsqueeze(0)
+    mask = das.mask[labels].unsqueeze(0).expand_as(ratio)
+    # unmasked dims untouched: multiplied by exactly 1
+    assert torch.equal(out[~mask], x.unsqueeze(0).expand_as(out)[~mask])
+    gam = ratio[mask]
+    # x·γ/x in float32 is γ to within a few ulps (1e-6 relative): bounds checked to 1e-5
+    assert gam.min() >= 0.5 - 1e-5 and gam.max() < 2.0 + 1e-5
+    # 40,000 draws: the extremes come within 0.01 of both ends (miss probability ~ e^-260)
+    assert gam.min() < 0.51 and gam.max() > 1.99
+    # U[0.5, 2) has mean 1.25, sd 0.433: the mean of 40,000 is within 5 SE (0.011)
+    assert abs(float(gam.mean()) - 1.25) < 5 * 0.433 / math.sqrt(gam.numel())
+    ref = ReferenceDAS(2, 16, topk=4, num_produce=1, use_mts=False, normalize=False, gamma_range=(0.5, 2.0))
+    ref.update(x, labels)
+    rg = (ref.produce(x, labels, generator=g) / x)[das.mask[labels]]
+    assert rg.min() >= 0.5 - 1e-5 and rg.max() < 2.0 + 1e-5 and rg.max() > 1.9
+
+
+def test_gamma_range_from_config_and_r_s_shorthand() -> None:
+    from das_core.losses import build_das
+
+    sym = build_das(TrainConfig(das=True, das_r_s=0.2), 3)
+    asym = build_das(TrainConfig(das=True, das_gamma_low=0.5, das_gamma_high=2.0), 3)
+    assert sym is not None and asym is not None
+    assert sym._gamma_bounds(sym.r_s) == (0.8, 1.2) and sym.gamma_range is None
+    assert asym._gamma_bounds(asym.r_s) == (0.5, 2.0)
+    assert TrainConfig(das_r_s=0.3).gamma_range() == (0.7, 1.3)
+
+
+# ---------------------------------------------------------------------------- BatchNorm freezing
+
+
+@pytest.mark.parametrize("freeze_affine", [True, False])
+def test_frozen_batchnorm_statistics_fixed_affine_as_configured(freeze_affine: bool) -> None:
+    from das_core.models import build_model
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(backbone="resnet50", pretrained=False, freeze_bn=True, freeze_bn_affine=freeze_affine,
+                      embedding_dim=8, image_size=64)
+    model = build_model(cfg).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]  # type: ignore[union-attr]
+    affine = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in bns]
+    assert all(m.weight.requires_grad is (not freeze_affine) for m in bns)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    x = torch.randn(4, 3, 64, 64)
+    loss = model(x).pow(2).sum() + model.embed.weight.sum()
+    loss.backward()
+    opt.step()
+    for m, (mean, var) in zip(bns, stats, strict=True):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)  # type: ignore[arg-type]
+    changed = any(not torch.equal(m.weight, w) or not torch.equal(m.bias, b) for m, (w, b) in zip(bns, affine, strict=True))
+    assert changed is (not freeze_affine)
+
+
+# ---------------------------------------------------------------------------- unnormalised + L2
+
+
+def test_unnormalised_embeddings_and_l2_penalty() -> None:
+    from das_core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(dataset="digits", embedding_dim=16, normalize_embeddings=False))
+    x = torch.rand(6, 1, 28, 28)
+    raw = model.train()(x)
+    norms = raw.norm(dim=1)
+    assert not torch.allclose(norms, torch.ones_like(norms))
+    unit = model.eval()(x).norm(dim=1)
+    assert torch.allclose(unit, torch.ones_like(unit), atol=1e-6)  # float32 norm of a unit vector
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    emb = torch.randn(6, 16, generator=torch.Generator().manual_seed(1)) * 3
+    base = TrainConfig(loss="lifted", miner="none", normalize_embeddings=False, embedding_l2=0.0)
+    plain = build_criterion(base, 3)(emb, labels)
+    pen = build_criterion(base.replace(embedding_l2=0.005), 3)(emb, labels)
+    # same loss, plus 0.005 * mean norm: float32 sums of O(10): 1e-5 absolute is ~100 ulps
+    assert float(pen - plain) == pytest.approx(0.005 * float(emb.norm(dim=1).mean()), abs=1e-5)
+
+
+def test_l2_penalty_covers_the_das_enlarged_batch() -> None:
+    torch.manual_seed(0)
+    cfg = TrainConfig(loss="lifted", miner="none", das=True, das_normalize=False, normalize_embeddings=False,
+                      embedding_l2=0.5, embedding_dim=8, das_topk=2)
+    crit = build_criterion(cfg, 3)
+    emb = torch.randn(6, 8)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    torch.manual_seed(1)
+    total = crit(emb, labels)
+    assert crit.das is not None
+    crit.das.reset_state()
+    torch.manual_seed(1)
+    all_emb, all_labels = crit.das(emb, labels)
+    want = crit._score(all_emb, all_labels) + 0.5 * all_emb.norm(dim=1).mean()
+    assert float(total) == pytest.approx(float(want), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- presets, summary
+
+
+def test_presets_json_is_every_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from das_core.cli import main
+
+    assert main(["presets", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert list(doc) == list(PRESETS)
+    for name, preset in PRESETS.items():
+        assert doc[name] == preset.config().to_dict()
+    for name in (n for n in PRESETS if n.startswith("paper-")):
+        c = doc[name]
+        assert (c["epochs"], c["lr_schedule"], c["lr_milestones"], c["lr_factor"]) == (300, "multistep", "200,250", 0.3)
+        assert c["class_sampling"] == "replacement" and c["das_bank_overflow"] == "authors"
+        assert c["freeze_bn"] and not c["freeze_bn_affine"] and c["ms_beta"] == 40.0
+    assert doc["paper-cub-triplet"]["triplet_form"] == "squared"
+    assert (doc["paper-cub-ms512"]["batch_size"], doc["paper-cub-ms512"]["weight_decay"]) == (180, 8e-4)
+    sop = doc["paper-sop-ms512"]
+    assert (sop["das_topk"], sop["das_gamma_low"], sop["das_gamma_high"], sop["das_detach"]) == (8, 0.5, 2.0, False)
+    assert doc["paper-cub-margin"]["loss_lr"] == 5e-4
+    lifted = doc["paper-cub-lifted"]
+    assert not lifted["normalize_embeddings"] and not lifted["das_normalize"] and lifted["embedding_l2"] == 0.005
+    # the non-paper defaults stay as they were
+    d = TrainConfig()
+    assert (d.lr_schedule, d.class_sampling, d.das_bank_overflow, d.triplet_form) == (
+        "constant", "distinct", "fifo", "plain")
+    assert d.freeze_bn_affine and d.normalize_embeddings and d.embedding_l2 == 0.0
+
+
+def test_best_test_epoch_is_labelled_and_separate_from_selection() -> None:
+    hist = [
+        {"epoch": 1, "val": {"R@1": 0.5}, "test": {"R@1": 0.40}},
+        {"epoch": 2, "val": {"R@1": 0.7}, "test": {"R@1": 0.45}},
+        {"epoch": 3, "val": {"R@1": 0.6}, "test": {"R@1": 0.50}},
+        {"epoch": 4, "val": {"R@1": 0.6}, "test": {"R@1": 0.50}},
+    ]
+    best = best_test_epoch(hist, "R@1")
+    assert best is not None
+    assert (best["epoch"], best["value"]) == (3, 0.50)
+    assert "TEST SET" in best["note"] and "not a model selection" in best["note"]
+    assert best_test_epoch([{"epoch": 1, "train_loss": 1.0}], "R@1") is None
+
+
+def test_summary_records_best_test_epoch(digits_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from das_core.cli import main
+
+    summary = json.loads((digits_run / "summary.json").read_text())
+    best = summary["best_test_epoch"]
+    tests = {r["epoch"]: r["test"]["R@1"] for r in map(json.loads, (digits_run / "metrics.jsonl").read_text().splitlines())}
+    assert best["value"] == max(tests.values()) and tests[best["epoch"]] == best["value"]
+    assert summary["selected_epoch"] is not None  # validation selection unchanged
+    assert main(["info", str(digits_run / "last.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)["best_test_epoch"]["epoch"] == best["epoch"]
