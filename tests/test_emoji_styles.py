@@ -18,6 +18,8 @@ from das_core.data import DatasetError, DatasetSplits, load_splits
 from das_core.data.emoji_styles import (
     EmojiDataset,
     Recipe,
+    arrays_from_file,
+    default_root,
     describe,
     emoji_arrays,
     load_emoji_styles,
@@ -150,6 +152,19 @@ def test_sizes_are_cached_separately(root: Path) -> None:
     assert any("openmoji" in x and "CC-BY-SA-4.0" in x for x in lines)
 
 
+def test_a_cache_file_alone_is_enough(root: Path, tmp_path: Path) -> None:
+    # as on a GPU host that got only the .npz: no package, no registry, no npm run
+    path = build_rendered(root, 16, recipe=RECIPE)
+    shutil.rmtree(root / "npm")
+    splits = load_emoji_styles(root, size=16, recipe=RECIPE)  # install=True, yet npm is not called
+    assert (splits.train.num_classes, splits.test.num_classes) == (2, 2)
+    moved = tmp_path / "elsewhere.npz"
+    shutil.copyfile(path, moved)
+    a = arrays_from_file(moved, FIXTURE_SPLIT)
+    assert a.images.shape == (20, 16, 16, 3) and sorted(set(a.split.tolist())) == ["test", "train"]
+    assert [a.class_names[k] for k in np.unique(a.labels[a.split == "train"])] == ["grinning-face", "red-heart"]
+
+
 def test_corrupt_cache_says_how_to_fix(root: Path) -> None:
     path = cache_path(root, 16)
     path.write_bytes(b"not a zip")
@@ -223,15 +238,13 @@ def test_registry_and_model_preprocessing(root: Path) -> None:
             assert x.shape == (prep.channels, prep.crop, prep.crop)
 
 
-REAL_ROOT = Path(__file__).resolve().parent.parent / "data" / "emoji-styles"
-
-
 def test_real_packages_give_many_classes_with_few_images() -> None:
-    pinned = src.pinned_versions()
-    have = src.installed_versions(REAL_ROOT)
-    if any(have.get(k) != v for k, v in pinned.items()) and not src.registry_reachable():
+    # the data `make data` prepared (data/emoji-styles, or $DAS_DATA_DIR/emoji-styles)
+    real = default_root()
+    have = src.installed_versions(real)
+    if any(have.get(k) != v for k, v in src.pinned_versions().items()) and not src.registry_reachable():
         pytest.skip("the pinned @iconify-json packages are not installed and the npm registry cannot be reached")
-    splits = load_splits("emoji-styles", REAL_ROOT)
+    splits = load_splits("emoji-styles")
     assert splits.train.num_classes >= 500 and splits.test.num_classes >= 500
     counts = np.concatenate([splits.train.class_counts(), splits.test.class_counts()])
     assert counts.min() >= src.MIN_STYLES and counts.max() <= len(src.STYLES)

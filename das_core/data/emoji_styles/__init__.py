@@ -23,7 +23,14 @@ import numpy as np
 
 from das_core.data.base import ArrayDataset, DatasetError, DatasetSplits, default_data_dir, split_by_classes
 from das_core.data.emoji_styles.render import DEFAULT_SIZE, build_rendered, cache_path, load_rendered
-from das_core.data.emoji_styles.sources import RECIPE, SPLIT_PATH, Recipe, Style, install_packages
+from das_core.data.emoji_styles.sources import (
+    RECIPE,
+    SPLIT_PATH,
+    Recipe,
+    Style,
+    install_packages,
+    installed_versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +74,15 @@ def prepare(
     workers: int | None = None,
 ) -> Path:
     """Install the pinned sets (``npm ci``, only when they are not there at those versions) and
-    render them at ``size`` px (only when the cache is missing or stale); returns the file."""
+    render them at ``size`` px (only when the cache is missing or stale); returns the file.
+
+    A cache file with no package beside it at all (copied alone to another machine, e.g. a
+    GPU host without registry access) is used as it is."""
     root = default_root() if root is None else Path(root).expanduser()
+    path = cache_path(root, size)
+    if path.is_file() and not any(installed_versions(root, recipe.styles).values()):
+        log.info("emoji-styles: no Iconify package in %s; using the rendered %s as it is", root, path.name)
+        return path
     if install:
         install_packages(root)
     return build_rendered(root, size, recipe=recipe, workers=workers)
@@ -102,8 +116,13 @@ def emoji_arrays(
     """The rendered data at ``size`` px as numpy arrays, installing and rendering first where
     needed. For scripts that read the rendered data from one file (``cache_path``)."""
     base = default_root() if root is None else Path(root).expanduser()
-    r = load_rendered(prepare(base, size, recipe=recipe, install=install))
-    split_path = recipe.split
+    return arrays_from_file(prepare(base, size, recipe=recipe, install=install), recipe.split)
+
+
+def arrays_from_file(path: str | Path, split_path: Path = SPLIT_PATH) -> EmojiArrays:
+    """The arrays of one rendered file (``emoji-styles-<size>.npz``) with the stored split; no
+    package or registry needed."""
+    r = load_rendered(Path(path))
     train, test = read_split(split_path)
     side = {k: "train" for k in train} | {k: "test" for k in test}
     class_split = np.array([side.get(k, "") for k in r.class_keys], dtype="<U5")
@@ -234,6 +253,9 @@ __all__ = [
     "NAME",
     "RECIPE",
     "Recipe",
+    "arrays_from_file",
+    "cache_path",
+    "default_root",
     "Style",
     "EmojiArrays",
     "EmojiDataset",

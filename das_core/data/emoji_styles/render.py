@@ -144,6 +144,7 @@ def save_rendered(path: Path, r: Rendered) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:  # a handle: given a path, numpy would append ".npz"
             _savez(fh, r)
+        tmp.chmod(0o644)  # readable like any data file (the temporary file starts private)
 
     atomic_write(path, write)
 
