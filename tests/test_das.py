@@ -288,6 +288,11 @@ def check_produced(
     b = x.shape[0]
     mask = das.mask
     assert out.shape[0] % b == 0
+    # Tolerances from float32 rounding (u = 2^-24): p = fl(s·v + fl(r_b·t)) and p − v are a few
+    # roundings of numbers of size |v| + |r_b·t| <= 1 + 2·r_b (|v| <= 1, bank rows are
+    # differences of unit vectors): at most ~4u·(1 + 2·r_b) < 1e-6 for r_b <= 0.5.
+    tol = 1e-6
+    eps = torch.finfo(torch.float32).eps
     for r in range(out.shape[0]):
         i = r % b
         c = int(y[i])
@@ -297,11 +302,17 @@ def check_produced(
             t = torch.zeros_like(v)
         else:
             err = ((p - v)[~m] - r_b * rows[:, ~m]).abs().amax(1)
-            assert float(err.min()) < 1e-6, f"row {r}: shift is not r_b times a bank row of class {c}"
+            assert float(err.min()) < tol, f"row {r}: shift is not r_b times a bank row of class {c}"
             t = rows[int(err.argmin())]
-        assert torch.allclose((p - v)[~m], r_b * t[~m], atol=1e-6, rtol=0)
-        ratio = (p - r_b * t)[m] / v[m]
-        assert bool((ratio >= 1 - r_s - 1e-5).all() and (ratio <= 1 + r_s + 1e-5).all()), ratio
+        assert torch.allclose((p - v)[~m], r_b * t[~m], atol=tol, rtol=0)
+        # masked dims: p − r_b·t = γ·v with γ in [1 − r_s, 1 + r_s], checked as a product (a
+        # ratio over a small v[m] would blow the rounding up): γ, γ·v, + r_b·t, − r_b·t are 4
+        # roundings of numbers <= |v| + |r_b·t|, so 4 eps of that is the slack.
+        scaled, vm = (p - r_b * t)[m], v[m]
+        slack = 4 * eps * (vm.abs() * (1 + r_s) + (r_b * t[m]).abs())
+        lo = torch.minimum((1 - r_s) * vm, (1 + r_s) * vm) - slack
+        hi = torch.maximum((1 - r_s) * vm, (1 + r_s) * vm) + slack
+        assert bool(((scaled >= lo) & (scaled <= hi)).all()), (scaled, vm)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -340,6 +351,8 @@ def test_scale_and_bank_draws_cover_their_ranges() -> None:
     das(x, y)
     p = das.produce(x, y, num_produce=400, generator=torch.Generator().manual_seed(0))
     ratio = (p.view(400, 3, d) / x)[:, :, das.mask[0]]
+    # γ = fl(fl(u·0.6) + 0.7), p = fl(γ·x), p / x: 4 roundings, < 4u·1.3 = 3e-7 past the range;
+    # 2,400 uniform draws all miss the top (or bottom) 1/60 of it with chance e^-40
     assert 0.7 - 1e-6 <= float(ratio.min()) < 0.71 and 1.29 < float(ratio.max()) <= 1.3 + 1e-6
     unmasked = (p.view(400, 3, d) / x)[:, :, ~das.mask[0]]
     assert torch.equal(unmasked, torch.ones_like(unmasked))
@@ -348,6 +361,7 @@ def test_scale_and_bank_draws_cover_their_ranges() -> None:
     das2(x, y)
     p = das2.produce(x, y, num_produce=200)
     shifts = (p.view(200, 3, d) - x).reshape(-1, d)
+    # shift = fl(fl(x + t) − x): two roundings of numbers <= |x| + |t| <= 3, so < 4e-7 off t
     hits = (shifts[:, None, :] - das2.bank[0][None]).abs().amax(2) < 1e-6
     assert bool(hits.any(1).all()) and bool(hits.any(0).all())
 
@@ -361,7 +375,7 @@ def test_use_dfs_false_shifts_only_and_topk_override() -> None:
     for r in range(4, 16):
         rows = das.bank_in_order(int(y[r % 4]))
         err = ((out[r] - x[r % 4]) - 0.3 * rows).abs().amax(1)
-        assert float(err.min()) < 1e-6
+        assert float(err.min()) < 1e-6  # 3 float32 roundings of numbers <= |x| + 0.3·2 = 1.6: < 3e-7
     das = make(3, 10, normalize=False, r_s=0.5, use_mts=False)
     das(x, y)
     p = das.produce(x, y, topk=1)
@@ -378,7 +392,9 @@ def test_normalize_and_layout() -> None:
     out, lab = das(x, y)
     assert out.shape == (25, 16) and torch.equal(lab, y.repeat(5))
     assert torch.equal(out[:5], x)
-    assert torch.allclose(out[5:].norm(dim=1), torch.ones(20), atol=1e-6)
+    # normalised in float32: the norm it divides by is off by at most (d/2 + 1)·u (u = 2^-24,
+    # d = 16) and the division by u, so measured in float64 the norm is within 10u = 6e-7 of 1
+    assert torch.allclose(out[5:].double().norm(dim=1), torch.ones(20, dtype=torch.float64), atol=1e-6)
     # row B + t*B + i is a small perturbation of sample i
     near = (out[5:].view(4, 5, 16) - torch.nn.functional.normalize(x, dim=1)).abs().amax(2)
     assert float(near.max()) < 0.05
@@ -467,6 +483,8 @@ def test_low_precision_inputs(dtype: torch.dtype, path: str) -> None:
     assert out.dtype == dtype and out.shape == (20, 8) and torch.equal(out[:5], x)
     assert das.frequency.dtype == torch.float32 and das.bank.dtype == torch.float32
     assert_state_matches_reference(das, ref)
+    # cast back to float16 / bfloat16, each entry moves by at most 2^-9 relatively (bfloat16's
+    # half ulp), so the norm is within 2e-3 of 1
     assert torch.allclose(out[5:].float().norm(dim=1), torch.ones(15), atol=1e-2)
     das.half()  # converting a model that holds DAS keeps its state float32
     assert das.frequency.dtype == torch.float32 and das.bank.dtype == torch.float32
@@ -526,6 +544,7 @@ def test_property_matches_reference(
             out, lab = m(x, y)
             assert out.shape == ((1 + t) * b, d) and torch.equal(lab, y.repeat(1 + t))
             assert torch.equal(out[:b], x)
+            # float32 normalise then norm, d <= 10: at most ~2·(d/2 + 1)·u = 7e-7 from 1
             assert torch.allclose(out[b:].norm(dim=1), torch.ones(t * b), atol=1e-5)
             assert_state_matches_reference(m, ref)
     assert_same_state(mods[0].state_dict(), mods[1].state_dict())

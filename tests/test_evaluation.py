@@ -91,10 +91,26 @@ def brute_force_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
     return 2 * p * r / (p + r) if p + r else 0.0
 
 
+# Test points sit on an integer lattice (|x_i| <= 500, d <= 8). Every number a float32 search
+# forms on them (products, squared norms, |q|^2 + |g|^2 - 2 q.g, each partial sum of at most
+# 4·d·500^2 = 8e6 < 2^24) is an integer float32 holds exactly, so the float32 distances equal the
+# float64 reference's in any summation order (faiss or BLAS, any SIMD kernel, any thread count,
+# any query chunk): rankings are decided exactly, ties by index, and the reference comparisons
+# below hold bit for bit on any machine. (Gaussian float32 points would leave near-ties that
+# float32 rounding decides, differently per kernel.)
+LATTICE_MAX = 500
+
+
+def lattice(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to the integer lattice and clipped to +-LATTICE_MAX, as float32."""
+    assert values.shape[-1] <= 8, "the exactness argument above needs d <= 8"
+    return np.clip(np.rint(values), -LATTICE_MAX, LATTICE_MAX).astype(np.float32)
+
+
 def messy_data(seed: int, n: int = 160, d: int = 6) -> tuple[np.ndarray, np.ndarray]:
     """Random points with exact duplicates (same and different labels) and singleton classes."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d)).astype(np.float32)
+    x = lattice(rng.standard_normal((n, d)) * 100)
     y = rng.integers(0, 30, size=n)
     dup_src = rng.choice(n, 30, replace=False)
     x[dup_src[:15]] = x[dup_src[15:]]  # duplicates, mostly with different labels
@@ -104,6 +120,8 @@ def messy_data(seed: int, n: int = 160, d: int = 6) -> tuple[np.ndarray, np.ndar
 
 
 def assert_retrieval_equal(got: dict[str, float], want: dict[str, float], tol: float = 1e-9) -> None:
+    # Same rankings (exact distances, see lattice()); the metrics are then float64 means and dot
+    # products of <= 3,000 terms in [0, 1] summed in different orders: < 3e3 · 1.1e-16 = 3e-13 apart.
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=tol), key
 
@@ -158,7 +176,7 @@ def large_classes(seed: int) -> tuple[np.ndarray, np.ndarray]:
     exact duplicates across classes."""
     rng = np.random.default_rng(seed)
     y = np.concatenate([np.repeat([0, 1, 2], [700, 500, 300]), 10 + np.arange(5)])
-    x = (rng.standard_normal((y.size, 6)) + 0.7 * (y % 10)[:, None]).astype(np.float32)
+    x = lattice((rng.standard_normal((y.size, 6)) + 0.7 * (y % 10)[:, None]) * 60)
     x[:20] = x[700:720]
     return x, y
 
@@ -177,9 +195,10 @@ def test_matches_pytorch_metric_learning(data: str) -> None:
     pml = calc.get_accuracy(xt, yt, xt, yt, ref_includes_query=True)
     for backend in ("auto", "faiss", "torch"):
         got = evaluate_embeddings(x, y, (1,), backend=backend, device="cpu", clustering=False)  # type: ignore[arg-type]
-        # faiss computes the distances exactly as PML's faiss search does; the torch matmul
-        # rounds float32 differently, which can swap near-tied neighbours (a ~1e-8 effect here)
-        tol = 1e-12 if backend == "faiss" else 1e-6
+        # Lattice points: every backend and PML's faiss search get the same exact distances and
+        # rankings; both sides then average <= 1,505 per-query values in float64 (PML's sums and
+        # ours run in different orders): < 2e3 · 1.1e-16 = 2e-13 apart.
+        tol = 1e-12
         assert got["R@1"] == pytest.approx(pml["precision_at_1"], abs=tol)
         assert got["MAP@R"] == pytest.approx(pml["mean_average_precision_at_r"], abs=tol)
         assert got["RP"] == pytest.approx(pml["r_precision"], abs=tol)
@@ -190,7 +209,7 @@ def test_large_r_path_matches_brute_force() -> None:
     rng = np.random.default_rng(7)
     n, d = 3000, 8
     y = rng.integers(0, 3, size=n)
-    x = (rng.standard_normal((3, d))[y] * 0.8 + rng.standard_normal((n, d))).astype(np.float32)
+    x = lattice((rng.standard_normal((3, d))[y] * 0.8 + rng.standard_normal((n, d))) * 100)
     x[:10] = x[10:20]  # a few duplicates
     xd = x.astype(np.float64)
     sq = (xd**2).sum(1)
@@ -209,9 +228,10 @@ def test_large_r_path_matches_brute_force() -> None:
         got = evaluate_embeddings(
             x, y, (1,), device="cpu", backend=backend, clustering=False, query_chunk=chunk
         )  # type: ignore[arg-type]
+        # same exact rankings (lattice points); float64 sums of <= 3,000 terms in [0, 1]: 3e-13
         assert got["R@1"] == pytest.approx(np.mean(r1), abs=1e-9)
-        assert got["MAP@R"] == pytest.approx(np.mean(aps), abs=1e-6)
-        assert got["RP"] == pytest.approx(np.mean(rps), abs=1e-6)
+        assert got["MAP@R"] == pytest.approx(np.mean(aps), abs=1e-9)
+        assert got["RP"] == pytest.approx(np.mean(rps), abs=1e-9)
 
 
 def test_blocks_that_straddle_the_faiss_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,7 +240,7 @@ def test_blocks_that_straddle_the_faiss_boundary(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ev, "FAISS_MAX_K", 12)
     rng = np.random.default_rng(11)
     y = np.repeat(np.arange(12), [1, 1, 2, 3, 5, 8, 10, 13, 17, 20, 30, 40])
-    x = rng.standard_normal((y.size, 5)).astype(np.float32) + y[:, None] * 0.05
+    x = lattice((rng.standard_normal((y.size, 5)) + y[:, None] * 0.05) * 100)
     want = brute_force_metrics(x, y)
     for chunk in (None, 9):
         got = evaluate_embeddings(x, y, KS, device="cpu", clustering=False, query_chunk=chunk)
@@ -232,7 +252,7 @@ def test_chunking_and_repeat_calls_give_identical_numbers() -> None:
     base = evaluate_embeddings(x, y, device="cpu")
     assert evaluate_embeddings(x, y, device="cpu") == base
     small = evaluate_embeddings(x, y, device="cpu", query_chunk=7)
-    for key in RETRIEVAL_KEYS:
+    for key in RETRIEVAL_KEYS:  # same exact rankings; float64 means summed per chunk: < 1e-13 apart
         assert small[key] == pytest.approx(base[key], abs=1e-12)
 
 
@@ -333,15 +353,17 @@ def test_cuda_requested_without_cuda() -> None:
 
 def test_knn_indices_matches_brute_force(path: str) -> None:
     rng = np.random.default_rng(1)
-    q = rng.standard_normal((37, 5)).astype(np.float32)
-    g = rng.standard_normal((50, 5)).astype(np.float32)
+    q = lattice(rng.standard_normal((37, 5)) * 100)
+    g = lattice(rng.standard_normal((50, 5)) * 100)
     g[10] = g[3]  # a tie
     dist, idx = knn_indices(q, g, 6, chunk=8, backend=path, device="cpu")  # type: ignore[arg-type]
     d64 = np.sqrt(((q[:, None, :].astype(np.float64) - g[None, :, :]) ** 2).sum(-1))
     want = np.lexsort((np.broadcast_to(np.arange(50), d64.shape), d64), axis=1)[:, :6]
     assert idx.dtype == np.int64 and dist.dtype == np.float32
     assert np.array_equal(idx, want)
-    assert np.allclose(dist, np.take_along_axis(d64, want, axis=1), atol=1e-5)
+    # the squared distances are exact integers (lattice points); float32 sqrt rounds correctly,
+    # so each distance is within one half-ulp (relative 2^-24 = 6e-8) of the float64 one
+    np.testing.assert_allclose(dist, np.take_along_axis(d64, want, axis=1), rtol=2**-23, atol=0)
 
     # the set against itself, each query left out by index
     _, self_idx = knn_indices(g, g, 5, exclude_self_index=np.arange(50), backend=path, device="cpu")  # type: ignore[arg-type]
@@ -359,7 +381,8 @@ def test_pair_f1_hand_computed() -> None:
     # both: {0,1} and {3,4} = 2. P = R = 2/4, F1 = 0.5.
     assert pair_f1(labels, clusters) == 0.5
     assert pair_f1(labels, [5, 5, 5, 2, 2]) == 1.0  # same partition, other ids
-    # one cluster: P = 4/10, R = 1, F1 = 2 * 0.4 / 1.4
+    # one cluster: P = 4/10, R = 1, F1 = 2 * 0.4 / 1.4 (pair counts are exact integers; the
+    # two float64 quotients differ by a few ulps, well inside approx's default rel=1e-6)
     assert pair_f1(labels, [0] * 5) == pytest.approx(2 * 0.4 / 1.4)
     assert pair_f1([0, 1, 2], [0, 1, 2]) == 1.0  # no pairs on either side
     assert pair_f1([0, 1, 2], [0, 0, 1]) == 0.0
@@ -370,10 +393,12 @@ def test_pair_f1_matches_pair_loop() -> None:
     for _ in range(5):
         labels = rng.integers(0, 6, size=60)
         clusters = rng.integers(0, 8, size=60)
+        # exact integer pair counts on both sides, then a few float64 divisions: ~1e-16 apart
         assert pair_f1(labels, clusters) == pytest.approx(brute_force_f1(labels, clusters), abs=1e-12)
 
 
 def test_nmi_hand_computed() -> None:
+    # float64 entropies of <= 4 terms (sklearn): ~1e-16 off, inside approx's rel=1e-6 / abs=1e-12
     assert nmi([0, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(1.0)
     assert nmi([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(0.0, abs=1e-12)
     # clusters determine the labels: I = H(L) = ln 2; NMI = I / mean(H(L), H(C))
@@ -388,6 +413,8 @@ def test_clustering_metrics_on_separated_blobs() -> None:
     centres = rng.standard_normal((5, 8)) * 20
     x = (centres[y] + rng.standard_normal((100, 8)) * 0.1).astype(np.float32)
     got = evaluate_embeddings(x, y, device="cpu", seed=3)
+    # blobs 20σ apart: k-means finds them whatever the rounding; NMI of equal partitions is 1
+    # up to float64 rounding of the entropies (~1e-16), F1 exactly 1 (integer pair counts)
     assert got["NMI"] == pytest.approx(1.0) and got["F1"] == 1.0
     assert all(got[k] == 1.0 for k in RETRIEVAL_KEYS)
 
@@ -437,7 +464,16 @@ def plain_lloyd(x: np.ndarray, n_clusters: int, seed: int, niter: int) -> np.nda
     x64 = x.astype(np.float64)
 
     def assign_all(c: np.ndarray) -> np.ndarray:
-        return np.argmin(((x64[:, None, :] - c[None, :, :]) ** 2).sum(-1), axis=1)
+        d2 = ((x64[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+        # kmeans_labels decides in float32: centroids rounded to float32 (relative 2^-24 each)
+        # and |x|^2 + |c|^2 - 2 x.c summed from d + 2 terms, so each squared distance may be off
+        # by (d + 4)·u·(|x| + |c|)^2. The comparison is only meaningful if no point's two
+        # nearest centroids are closer than twice that: the data must leave no such near-tie.
+        two = np.sort(d2, axis=1)[:, :2]
+        scale = (np.linalg.norm(x64, axis=1) + np.linalg.norm(c, axis=1).max()) ** 2
+        bound = 2 * (x64.shape[1] + 4) * 2.0**-24 * scale
+        assert (two[:, 1] - two[:, 0] > bound).all(), "test data must not leave a near-tie to float32"
+        return np.argmin(d2, axis=1)
 
     assign = assign_all(centroids)
     for _ in range(niter):
