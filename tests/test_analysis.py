@@ -30,6 +30,26 @@ def clustered(n: int = 400, d: int = 8, classes: int = 4, seed: int = 0) -> tupl
     return x.astype(np.float32), labels
 
 
+def assert_no_near_tie(
+    points: np.ndarray, real: np.ndarray, labels: np.ndarray, point_labels: np.ndarray,
+    exclude: np.ndarray | None = None,
+) -> None:
+    """Premise of comparing the faiss-backed search with brute force: per point, the two nearest
+    real points of its own class (and of the other classes) differ in squared distance (float64)
+    by more than twice faiss's float32 error, (d + 2)·2^-24·(|q| + |g|)^2, so that every kernel
+    picks the same neighbour."""
+    q, g = points.astype(np.float64), real.astype(np.float64)
+    d2 = ((q[:, None, :] - g[None]) ** 2).sum(-1)
+    if exclude is not None:
+        d2[np.arange(len(q)), exclude] = np.inf
+    bound = 2 * (q.shape[1] + 2) * 2.0**-24 * (np.linalg.norm(q, axis=1).max() + np.linalg.norm(g, axis=1).max()) ** 2
+    for own in (True, False):
+        cand = np.where((labels[None] == point_labels[:, None]) == own, d2, np.inf)
+        two = np.sort(cand, axis=1)[:, :2]
+        gap = two[:, 1] - two[:, 0]
+        assert (gap[np.isfinite(gap)] > bound).all(), "fixture has a near-tie float32 cannot decide"
+
+
 def test_select_anchors_stratified_and_deterministic() -> None:
     y = np.repeat([0, 1, 2], [100, 30, 5])
     a = select_anchors(y, 20, seed=1)
@@ -47,12 +67,15 @@ def test_select_anchors_stratified_and_deterministic() -> None:
 def test_gap_fill_zero_for_copies_and_positive_on_midpoints() -> None:
     x, y = clustered()
     copies = gap_fill(x, y, x.copy(), y.copy())
+    # gap fill = 1 - Σb/Σa in float64 over float32 distances recomputed from the vectors
+    # (ExactKnn): a copy gives the same float32 distance as its original, so b = a and the
+    # value is 0 up to float64 rounding (~1e-16); 1e-6 is far below any real fill (> 0.2 here)
     assert copies["overall"] == pytest.approx(0.0, abs=1e-6)
     assert set(copies["per_class"]) == set(np.unique(y).tolist())
     assert all(v == pytest.approx(0.0, abs=1e-6) for v in copies["per_class"].values())
     ref = gap_reference(x, y)
     on_mid = gap_fill(x, y, ref.midpoints, ref.labels, reference=ref)
-    assert on_mid["overall"] == pytest.approx(1.0, abs=1e-6)
+    assert on_mid["overall"] == pytest.approx(1.0, abs=1e-6)  # b = |m - m| = 0 exactly: Σb = 0
     # half of the gaps of class 0 filled: about half of that class's fill
     rows = np.flatnonzero(ref.labels == 0)[::2]
     half = gap_fill(x, y, ref.midpoints[rows], ref.labels[rows], reference=ref)
@@ -72,6 +95,9 @@ def test_produced_honesty_hand_made() -> None:
     produced = np.array([[0.2, 0.2], [9.5, 0.5], [10.4, 0.4]], np.float32)
     plabels = np.array([0, 0, 1])  # the second one sits inside class 1
     h = produced_honesty(real, labels, produced, plabels, anchors=np.array([0, 3]))
+    # Expected values from the decimal coordinates; the module sees them rounded to float32
+    # (half-ulp <= 4.8e-7 for |x| <= 11) and takes float32 differences and 2-term norms: the
+    # distances (>= 0.28) are off by < 2 · 4.8e-7 / 0.28 + 4 · 2^-24 = 4e-6 relative, inside 1e-5
     assert h["fraction_own_closer"] == pytest.approx(2 / 3)
     np.testing.assert_allclose(
         h["own_distance"], [np.hypot(0.2, 0.2), np.hypot(8.5, 0.5), np.hypot(0.4, 0.4)], rtol=1e-5
@@ -121,12 +147,15 @@ def test_top_dims_bank_summary_and_preview() -> None:
     das.update(emb, torch.tensor([0, 0, 1, 1]))
     s = bank_summary(das, 0)
     assert s["filled"] == 2 and s["size"] == 3 and s["transformations"].shape == (2, 6)
+    # the same numpy norm of the same float32 rows: equal up to float32 rounding (2^-24 = 6e-8)
     np.testing.assert_allclose(s["norms"], np.linalg.norm(s["transformations"], axis=1), rtol=1e-6)
     v = emb[0].numpy()
     shifted = preview_shifts(das, v, 0, r_b=0.5)
     raw = v[None] + 0.5 * s["transformations"]
+    # float32 v + 0.5·t is one rounding (the same op as the module's); its normalisation and
+    # ours each round a 6-term norm: relative (d/2 + 2)·2^-24 = 3e-7 apart, inside 1e-5
     np.testing.assert_allclose(shifted, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-5)
-    np.testing.assert_allclose(preview_shifts(das, v, 0, r_b=0.5, normalize=False), raw, rtol=1e-6)
+    np.testing.assert_allclose(preview_shifts(das, v, 0, r_b=0.5, normalize=False), raw, rtol=1e-6)  # one rounding
     assert bank_summary(DenselyAnchoredSampling(2, 6), 1)["filled"] == 0
 
 
@@ -143,6 +172,12 @@ def test_produced_honesty_matches_brute_force(per_class_max: int, monkeypatch: p
     dist = np.linalg.norm(produced[:, None, :] - x[None], axis=2)
     own = np.where(y[None] == plabels[:, None], dist, np.inf).min(axis=1)
     other = np.where(y[None] != plabels[:, None], dist, np.inf).min(axis=1)
+    # The module recomputes distances exactly as above (float32 norm of the difference), but
+    # faiss picks *which* neighbour from ||q||^2 + ||g||^2 - 2 q.g in float32, off by up to
+    # (d + 2)·2^-24·(|q| + |g|)^2 < 3e-6 here (|x| = 1, |produced| < 1.2): a point whose two
+    # nearest candidates are closer than that could be decided differently by another kernel.
+    # The fixture has none (checked in float64), so the comparison holds on any machine.
+    assert_no_near_tie(produced, x, y, plabels)
     np.testing.assert_allclose(h["own_distance"], own, rtol=1e-5)
     np.testing.assert_allclose(h["other_distance"], other, rtol=1e-5)
     assert h["fraction_own_closer"] == pytest.approx(float((own < other).mean()))
@@ -150,10 +185,13 @@ def test_produced_honesty_matches_brute_force(per_class_max: int, monkeypatch: p
     base = produced_honesty(x, y, produced, plabels, anchors=anchors)["anchors"]
     da = np.linalg.norm(x[anchors][:, None, :] - x[None], axis=2)
     da[np.arange(len(anchors)), anchors] = np.inf  # an anchor is not its own neighbour
+    assert_no_near_tie(x[anchors], x, y, y[anchors], exclude=anchors)
     a_own = np.where(y[None] == y[anchors][:, None], da, np.inf).min(axis=1)
     a_other = np.where(y[None] != y[anchors][:, None], da, np.inf).min(axis=1)
     assert base["n"] == len(anchors)
+    # own < other is decided on the same float32 numbers on both sides: exactly equal fractions
     assert base["fraction_own_closer"] == pytest.approx(float((a_own < a_other).mean()))
+    # same float32 distances; the ratio and median differ only in float32 vs float64 division
     assert base["median_ratio"] == pytest.approx(float(np.median(a_own / a_other)), rel=1e-5)
     # copies of the anchors, their own anchor left out: exactly as honest as the anchors
     copies = produced_honesty(x, y, x[anchors], y[anchors], produced_from=anchors, anchors=anchors)
