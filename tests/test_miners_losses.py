@@ -33,7 +33,14 @@ def _check_triplets(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, y: torch.
 
 def test_pairwise_distances_match_cdist() -> None:
     x, _ = _batch()
-    assert torch.allclose(pairwise_distances(x), torch.cdist(x, x), atol=1e-5)
+    # Against float64 distances of the same float32 points (not float32 cdist, whose kernel and
+    # rounding vary): |a|^2 + |b|^2 - 2 a.b of unit vectors in float32 is off by at most
+    # (d + 2)·2^-24·(|a| + |b|)^2 = e, which moves a distance r by <= e / (2r), plus sqrt's half-ulp.
+    ref = torch.cdist(x.double(), x.double())
+    off = ~torch.eye(len(x), dtype=torch.bool)
+    e = (x.shape[1] + 2) * 2.0**-24 * 4
+    tol = e / (2 * ref[off]) + 2.0**-24 * ref[off]
+    assert ((pairwise_distances(x).double()[off] - ref[off]).abs() <= tol).all()
     assert torch.all(pairwise_distances(x).diagonal() == 0)
 
 
@@ -102,6 +109,8 @@ def test_distance_weighted_follows_the_inverse_sphere_density() -> None:
         counts[n[0]] += 1
     freq = counts / trials
     assert torch.all(freq[~neg] == 0)
+    # sampling error, not rounding: a frequency over 4,000 draws has σ <= sqrt(0.25 / trials),
+    # and 4σ is exceeded with chance 6e-5 per entry
     assert torch.allclose(freq, expected, atol=4 * math.sqrt(0.25 / trials))
 
 
@@ -154,7 +163,7 @@ def test_proxy_losses_get_their_own_parameter_group() -> None:
     assert groups[0]["params"][0].shape == (5, cfg.embedding_dim)
     margin = build_criterion(TrainConfig.from_mapping({"loss": "margin", "lr": 1e-4}), num_classes=5)
     (group,) = margin.param_groups(TrainConfig.from_mapping({"loss": "margin", "lr": 1e-4}))
-    assert group["lr"] == pytest.approx(1e-2)  # default: 100 x lr for the learnable beta
+    assert group["lr"] == pytest.approx(1e-2)  # default: 100 x lr for the learnable beta (float64 product: 1 ulp)
 
 
 def test_aux_loss_variant_adds_the_real_only_term() -> None:
@@ -169,6 +178,8 @@ def test_aux_loss_variant_adds_the_real_only_term() -> None:
     l_all = plain(x, y)
     torch.manual_seed(1)
     l_aux = aux(x, y)
+    # the criterion computes exactly this expression with the same ops on the same tensors (and
+    # the same seed for DAS's draws), so the two agree bit for bit; 1e-6 is ~8 ulps of a loss < 2
     assert torch.allclose(l_aux, real_only(x, y) + 0.5 * l_all, atol=1e-6)
 
 
@@ -178,4 +189,4 @@ def test_das_normalize_off_is_not_undone_by_the_distance() -> None:
 
     dist = _lp_distance()
     x = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    assert dist(x)[0, 1] == pytest.approx(math.sqrt(5.0))
+    assert dist(x)[0, 1] == pytest.approx(math.sqrt(5.0))  # float32 sqrt(5) (exact 2^2 + 1^2): 1 half-ulp, rel 6e-8

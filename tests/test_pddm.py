@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from das_core.config import TrainConfig
@@ -84,7 +84,8 @@ def test_unit_shapes_and_broadcasting() -> None:
 def test_unit_is_symmetric() -> None:
     unit = PDDMUnit(12, hidden=7)
     a, b = F.normalize(torch.randn(30, 12), dim=1), F.normalize(torch.randn(30, 12), dim=1)
-    torch.testing.assert_close(unit(a, b), unit(b, a))
+    # |a - b| and a + b are bitwise symmetric, so is everything after: equal, not just close
+    torch.testing.assert_close(unit(a, b), unit(b, a), atol=0, rtol=0)
 
 
 def test_unit_finite_for_identical_inputs_values_and_gradients() -> None:
@@ -121,26 +122,38 @@ def _hand_unit() -> PDDMUnit:
 
 
 def test_unit_score_by_hand() -> None:
-    unit = _hand_unit()
+    # In float64: ~20 roundings of numbers <= 2 (the score's own arithmetic, 0.6 and 0.8 not
+    # being exact) stay below 20 · 2 · 1.1e-16 = 5e-15, so 1e-12 leaves no room for a wrong formula.
+    unit = _hand_unit().double()
     # f_i = (1, 0), f_j = (0.6, 0.8): u = (0.4, 0.8) -> (1, 2)/√5; v = (0.8, 0.4) -> (2, 1)/√5;
     # c = ReLU((1, 2)/√5 − (2, 1)/√5) = (0, 1/√5); S = 1·0 + 2/√5 + 0.5.
-    fi, fj = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8]])
-    assert unit(fi, fj).item() == pytest.approx(0.5 + 2 / math.sqrt(5), abs=1e-6)
-    # Identical pair: u = 0 -> u1 = 0; v = (1, 0) -> v1n = (1, 0); c = ReLU(−(1, 0)) = 0; S = b_s.
-    assert unit(fi, fi).item() == pytest.approx(0.5, abs=1e-7)
+    fi = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    fj = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    assert unit(fi, fj).item() == pytest.approx(0.5 + 2 / math.sqrt(5), abs=1e-12)
+    # Identical pair: u = 0 -> u1 = 0; v = (1, 0) -> v1n = (1, 0); c = ReLU(−(1, 0)) = 0; S = b_s
+    # exactly (every product is by 0 or 1).
+    assert unit(fi, fi).item() == 0.5
+    assert _hand_unit()(fi.float(), fi.float()).item() == 0.5  # and in float32 too
     # The unit looks at directions only: scaling the pair changes nothing.
-    assert unit(3 * fi, 3 * fj).item() == pytest.approx(0.5 + 2 / math.sqrt(5), abs=1e-6)
+    assert unit(3 * fi, 3 * fj).item() == pytest.approx(0.5 + 2 / math.sqrt(5), abs=1e-12)
+
+
+# pair_scores, score_matrix and chunked calls run the unit's layers on batches of different
+# shapes, which BLAS may sum in different orders. In float64 that rounding is ~1e-15 relative
+# (amplified at most 1e4 times by normalising a short u1 or v1): 1e-10 is an argued bound. In
+# float32 it would be ~1e-6 and up, a guess about this machine's kernels.
+F64 = {"atol": 1e-10, "rtol": 0.0}
 
 
 def test_pair_scores_and_score_matrix_agree_with_forward() -> None:
-    unit = PDDMUnit(6)
-    x = F.normalize(torch.randn(7, 6), dim=1)
+    unit = PDDMUnit(6).double()
+    x = F.normalize(torch.randn(7, 6, dtype=torch.float64), dim=1)
     full = unit.score_matrix(x)
     assert full.shape == (7, 7)
     rows, cols = torch.tensor([0, 3, 6, 2]), torch.tensor([1, 3, 0, 5])
-    torch.testing.assert_close(unit.pair_scores(x, rows, cols), full[rows, cols])
+    torch.testing.assert_close(unit.pair_scores(x, rows, cols), full[rows, cols], **F64)
     torch.testing.assert_close(
-        unit.pair_scores(x, rows.view(2, 2), cols.view(2, 2)), full[rows, cols].view(2, 2)
+        unit.pair_scores(x, rows.view(2, 2), cols.view(2, 2)), full[rows, cols].view(2, 2), **F64
     )
     assert unit.score_matrix(x, x[:3]).shape == (7, 3)
 
@@ -148,14 +161,14 @@ def test_pair_scores_and_score_matrix_agree_with_forward() -> None:
 def test_pair_scores_chunks_large_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     import das_core.pddm as pddm
 
-    unit = PDDMUnit(4)
-    x = F.normalize(torch.randn(9, 4), dim=1)
+    unit = PDDMUnit(4).double()
+    x = F.normalize(torch.randn(9, 4, dtype=torch.float64), dim=1)
     rows = torch.arange(9).repeat_interleave(9)
     cols = torch.arange(9).repeat(9)
     whole = unit.pair_scores(x, rows, cols)
     monkeypatch.setattr(pddm, "_CHUNK_ELEMENTS", 8 * 10)  # 10 pairs per chunk
-    torch.testing.assert_close(unit.pair_scores(x, rows, cols), whole)
-    torch.testing.assert_close(unit.score_matrix(x).reshape(-1), whole)
+    torch.testing.assert_close(unit.pair_scores(x, rows, cols), whole, **F64)
+    torch.testing.assert_close(unit.score_matrix(x).reshape(-1), whole, **F64)
 
 
 # -- hard quadruplet mining -------------------------------------------------------------------
@@ -214,17 +227,21 @@ def test_mining_several_quadruplets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _as_lists(quads) == [[0, 3, 1, 0], [1, 4, 2, 2], [5, 1, 4, 5], [4, 1, 5, 5]]
 
 
+# The miner scores pairs in batches of other shapes than score_matrix does: in float32 a
+# near-tie between two candidates could be decided differently by another BLAS. In float64 the
+# two differ by ~1e-15 and random scores never come that close.
 def test_mining_matches_brute_force_with_a_real_unit() -> None:
-    unit = PDDMUnit(8, hidden=6)
+    unit = PDDMUnit(8, hidden=6).double()
     labels = [0, 1, 0, 2, 1, 0, 2, 3, 1, 3]
     x, lab = _batch(labels)
+    x = x.double()
     scores = unit.score_matrix(x).detach()
     for q in (1, 2, 5):
         got = _as_lists(mine_quadruplets(unit, x, lab, q))
         assert got == [list(t) for t in _reference_mining(scores, labels, q)]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     labels=st.lists(st.integers(0, 3), min_size=0, max_size=12),
     q=st.integers(1, 4),
@@ -232,8 +249,8 @@ def test_mining_matches_brute_force_with_a_real_unit() -> None:
 )
 def test_mining_matches_brute_force_property(labels: list[int], q: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    unit = PDDMUnit(4)
-    x = F.normalize(torch.randn(len(labels), 4, generator=g), dim=1)
+    unit = PDDMUnit(4).double()  # float64: see test_mining_matches_brute_force_with_a_real_unit
+    x = F.normalize(torch.randn(len(labels), 4, generator=g, dtype=torch.float64), dim=1)
     got = _as_lists(mine_quadruplets(unit, x, torch.tensor(labels, dtype=torch.long), q))
     scores = unit.score_matrix(x).detach()
     assert got == [list(t) for t in _reference_mining(scores, labels, q)]
@@ -284,7 +301,9 @@ def test_mining_refuses_bad_shapes() -> None:
 
 def test_loss_value_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     # e0 = (1, 0), e1 = (0, 1) [class 0]; e2 = (−1, 0), e3 = (0.6, −0.8) [class 1].
-    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, -0.8]])
+    # float64 points: the distances (0.6, 0.8 inexact) are then ~1e-16 off; the table's scores
+    # are float32, 0.2 and 0.4 off by <= 2e-8 each, so the loss is within 1e-7 of 2.3
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, -0.8]], dtype=torch.float64)
     labels = torch.tensor([0, 0, 1, 1])
     table = [
         [0.0, 0.2, 0.1, 0.4],
@@ -310,8 +329,14 @@ def test_loss_value_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("q", [1, 3])
 def test_loss_equals_formula_and_reaches_unit_and_embeddings(q: int) -> None:
     torch.manual_seed(1)
-    loss = PDDMLoss(8, alpha=0.5, beta=1.0, lam=0.5, num_quadruplets=q)
-    raw = torch.randn(10, 8, requires_grad=True)
+    # Unit and embeddings in float64, the reference below in float64 too: the loss then differs
+    # from it only by its own float32 steps (it casts scores and embeddings to float32): each
+    # score rounded once (2^-24·|S|, |S| < 5), each squared distance of unit vectors off by
+    # <= (d + 2)·2^-24·4 = 2.4e-6 (λ = 0.5 times 4 of them), hinges and mean a few roundings of
+    # numbers < 10: < 6e-6 per quadruplet, so the mean is within 1e-5. (Scoring in float32 would
+    # add BLAS-order differences between the loss's and score_matrix's batch shapes.)
+    loss = PDDMLoss(8, alpha=0.5, beta=1.0, lam=0.5, num_quadruplets=q).double()
+    raw = torch.randn(10, 8, requires_grad=True, dtype=torch.float64)
     x = F.normalize(raw, dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 0, 1])
     value = loss(x, labels)
@@ -340,6 +365,8 @@ def test_loss_parts_per_quadruplet() -> None:
     assert metric_loss(unit, x, quads, 0.5).shape == (2,)
     e_e = embedding_loss(x, quads, 1.0)
     d = torch.cdist(x, x) ** 2
+    # float32 squared distances of unit vectors, computed two ways: each off by <= (d + 2)·2^-24·4
+    # = 1.4e-6, three of them in the sum: < 5e-6, inside assert_close's float32 atol of 1e-5
     torch.testing.assert_close(e_e[0], F.relu(1 + d[0, 1] - d[0, 2]) + F.relu(1 + d[0, 1] - d[1, 3]))
 
 
@@ -398,6 +425,7 @@ def test_miner_loss_trains_the_unit_not_the_embeddings() -> None:
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     triplets, e_m = miner.mine_with_loss(x, labels)
     quads = mine_quadruplets(miner.unit, x, labels, 2)
+    # the miner's loss is this very call on the same quadruplets: equal up to the mean's rounding
     torch.testing.assert_close(e_m, metric_loss(miner.unit, x.detach(), quads, 0.5).mean())
     assert e_m.requires_grad and e_m.item() > 0
     e_m.backward()
