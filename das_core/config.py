@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 # Names of the registered components. The registries (das_core.data, .models,
 # .losses, .miners) are keyed by exactly these names; a test checks they agree.
 DATASETS = ("fashion-mnist", "digits", "cub200", "cars196", "sop", "folder", "emoji-styles")
-BACKBONES = ("small-cnn", "resnet50", "efficientnet-lite0")
+BACKBONES = ("small-cnn", "resnet50", "efficientnet-lite0", "bn-inception")
 LOSSES = (
     "triplet",
     "contrastive",

@@ -137,6 +137,21 @@ PRESETS: dict[str, Preset] = {
         {**_MS512, "dataset": "sop", "das_gamma_low": 0.5, "das_gamma_high": 2.0, "das_r_b": 0.1,
          "das_detach": False},
     ),
+    "paper-cub-ms512-bninception": Preset(
+        "CUB-200-2011, BN-Inception 512-d avg+max pooling, multi-similarity + DAS K=8 (paper Table 1, IBN^512; "
+        "needs the BN-Inception weights file, see README)",
+        {**_MS512, "backbone": "bn-inception", "dataset": "cub200"},
+    ),
+    "paper-cars-ms512-bninception": Preset(
+        "CARS196, BN-Inception 512-d avg+max pooling, multi-similarity + DAS K=8 (paper Table 1, IBN^512)",
+        {**_MS512, "backbone": "bn-inception", "dataset": "cars196"},
+    ),
+    "paper-sop-ms512-bninception": Preset(
+        "Stanford Online Products, BN-Inception 512-d, multi-similarity + DAS K=8, gamma ~ U[0.5, 2.0), r_b = 0.1, "
+        "no detach (paper Table 1, IBN^512)",
+        {**_MS512, "backbone": "bn-inception", "dataset": "sop", "das_gamma_low": 0.5, "das_gamma_high": 2.0,
+         "das_r_b": 0.1, "das_detach": False},
+    ),
     "offline-photos": Preset(
         "any image folder, EfficientNet-Lite0 (ImageNet weights shipped offline), triplet + semi-hard + DAS",
         {

@@ -14,7 +14,7 @@ from das_core.models.preprocessing import Preprocessing
 if TYPE_CHECKING:
     from das_core.config import TrainConfig
 
-BACKBONE_NAMES = ("small-cnn", "resnet50", "efficientnet-lite0")
+BACKBONE_NAMES = ("small-cnn", "resnet50", "efficientnet-lite0", "bn-inception")
 
 
 class EmbeddingNet(nn.Module):

@@ -181,6 +181,45 @@ class EfficientNetLite0(_FrozenBNMixin):
         return _pool(self.net.extract_features(x), self.pooling)
 
 
+class BNInception(_FrozenBNMixin):
+    """BN-Inception (``das_core.models.bninception``), 1024 features; ImageNet weights from a
+    local file (``bninception.weights_path()``), never downloaded."""
+
+    def __init__(self, *, pretrained: bool, freeze_bn: bool, pooling: str, freeze_affine: bool = True) -> None:
+        super().__init__()
+        from das_core.models import bninception
+
+        self.features = bninception.BNInceptionFeatures()
+        if pretrained:
+            path = bninception.weights_path()
+            if not path.is_file():
+                raise ModelError(
+                    f"BN-Inception ImageNet weights not found: put {bninception.WEIGHTS_FILE} (from "
+                    f"{bninception.WEIGHTS_URL}) at {path}, or pass --no-pretrained to train from scratch"
+                )
+            try:
+                bninception.load_imagenet_weights(self.features, path)
+            except (OSError, RuntimeError, ValueError, KeyError) as exc:
+                raise ModelError(
+                    f"{path} is not a usable BN-Inception weights file ({exc}); replace it with "
+                    f"{bninception.WEIGHTS_FILE} from {bninception.WEIGHTS_URL}, or pass --no-pretrained"
+                ) from exc
+        self.pooling = pooling
+        self.out_features = bninception.BNInceptionFeatures.out_channels
+        self._freeze_bn = freeze_bn
+        self._freeze_affine = freeze_affine
+        # RGB in [0, 1] -> (x - mean) / std = 255 x - 255 mean (approximately; the authors' values):
+        # the Caffe scale and mean; forward flips the channels to BGR.
+        self.preprocessing = Preprocessing(
+            mode="RGB", resize=256, crop=224, mean=(0.502, 0.4588, 0.4078), std=(0.0039, 0.0039, 0.0039),
+            augment="rrc-flip", background=255,
+        )
+        self._apply_bn_freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _pool(self.features(x.flip(1)), self.pooling)
+
+
 def build_backbone(
     name: str, *, pretrained: bool = True, freeze_bn: bool = True, pooling: str = "avg", freeze_affine: bool = True
 ) -> Backbone:
@@ -190,4 +229,8 @@ def build_backbone(
         return ResNet50(pretrained=pretrained, freeze_bn=freeze_bn, pooling=pooling, freeze_affine=freeze_affine)
     if name == "efficientnet-lite0":
         return EfficientNetLite0(pretrained=pretrained, freeze_bn=freeze_bn, pooling=pooling, freeze_affine=freeze_affine)
-    raise ModelError(f"unknown backbone {name!r}; valid backbones are: small-cnn, resnet50, efficientnet-lite0")
+    if name == "bn-inception":
+        return BNInception(pretrained=pretrained, freeze_bn=freeze_bn, pooling=pooling, freeze_affine=freeze_affine)
+    raise ModelError(
+        f"unknown backbone {name!r}; valid backbones are: small-cnn, resnet50, efficientnet-lite0, bn-inception"
+    )
