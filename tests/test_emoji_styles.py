@@ -251,3 +251,19 @@ def test_real_packages_give_many_classes_with_few_images() -> None:
     assert not set(splits.train.class_names) & set(splits.test.class_names)
     img = splits.test.load_image(0)
     assert img.mode == "RGB" and img.size == (64, 64)
+
+
+def test_cli_data_check_prints_splits_styles_and_licences(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from das_core.cli import main
+
+    build_rendered(root, 16, recipe=RECIPE)
+    shutil.rmtree(root / "npm")  # the file alone: the CLI reads it with the stored (real) split
+    assert main(["data", "check", "emoji-styles", "--root", str(root), "--size", "16"]) == 0
+    out = capsys.readouterr().out
+    # the real split puts grinning face, red heart and thumbs up in train, rocket in test
+    assert "4 classes, 20 images at 16 px" in out
+    assert "train     3 classes      15 images  images per class min 5 / median 5 / max 5" in out
+    assert "test      1 classes       5 images" in out
+    assert "openmoji" in out and "CC-BY-SA-4.0" in out
