@@ -201,7 +201,13 @@ class TrainConfig:
     )
     das_bank_size: int = _opt(10, "Z: transformations memorised per class (MTS bank)", "das", low=1, high=100000)
     das_r_s: float = _opt(
-        0.01, "r_s: scale range, gamma ~ U[1-r_s, 1+r_s]", "das", low=0.0, high=1.0, low_open=True, high_open=True
+        0.01,
+        "r_s: scale range, gamma ~ U[1-r_s, 1+r_s] (the symmetric shorthand of das_gamma_low/high)",
+        "das",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
     )
     das_gamma_low: float | None = _opt(
         None,
@@ -466,10 +472,17 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if target is str:
         if isinstance(value, Path):
             return str(value)
+        if name == "lr_milestones" and _is_int_list(value):  # YAML `[200, 250]` or `200`
+            return ",".join(str(v) for v in (value if isinstance(value, list | tuple) else [value]))
         if not isinstance(value, str):
             raise ConfigError(name, value, "must be a string")
         return value
     return value  # pragma: no cover - every field is one of the types above
+
+
+def _is_int_list(value: Any) -> bool:
+    items = value if isinstance(value, list | tuple) else [value]
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in items)
 
 
 def _type_name(t: Any) -> str:

@@ -466,7 +466,8 @@ class DenselyAnchoredSampling(nn.Module):
 
         Returns ``(T·B, d)`` rows in the input dtype; row ``t·B + i`` is round ``t + 1`` of
         sample ``i``: ``v' = s ⊙ v + b`` with ``s = γ ⊙ M[y] + 1 ⊙ (1 − M[y])``,
-        ``γ ~ U[1 − r_s, 1 + r_s]^d`` (fresh per embedding and round) and ``b = r_b · t``, ``t``
+        ``γ ~ U[1 − r_s, 1 + r_s]^d`` (or ``U[gamma_range)`` when the module has one and ``r_s``
+        is not overridden; fresh per embedding and round) and ``b = r_b · t``, ``t``
         uniform over the filled rows of ``bank[y]`` (``b = 0`` for an empty bank), then
         L2-normalised when ``normalize``. Keyword arguments override the module's
         hyper-parameters for this call only (the app's sliders). Random draws come from

@@ -374,3 +374,25 @@ def test_summary_records_best_test_epoch(digits_run: Path, capsys: pytest.Captur
     assert summary["selected_epoch"] is not None  # validation selection unchanged
     assert main(["info", str(digits_run / "last.safetensors")]) == 0
     assert json.loads(capsys.readouterr().out)["best_test_epoch"]["epoch"] == best["epoch"]
+
+
+def test_recipe_options_from_flags_and_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from das_core.cli import main
+    from das_core.config import load_config_file
+
+    args = ["train", "--preset", "cpu-quick", "--dry-run", "--lr-schedule", "multistep", "--lr-milestones", "10,20",
+            "--lr-factor", "0.5", "--das-gamma-low", "0.5", "--das-gamma-high", "2", "--das-bank-overflow", "authors",
+            "--class-sampling", "replacement", "--triplet-form", "squared", "--no-freeze-bn-affine",
+            "--no-normalize-embeddings", "--embedding-l2", "0.005"]
+    assert main(args) == 0
+    flat = {k: v for group in json.loads(capsys.readouterr().out).values() for k, v in group.items()}
+    assert (flat["lr_milestones"], flat["lr_factor"], flat["das_gamma_low"], flat["das_gamma_high"]) == ("10,20", 0.5, 0.5, 2.0)
+    assert (flat["das_bank_overflow"], flat["class_sampling"], flat["triplet_form"]) == ("authors", "replacement", "squared")
+    assert not flat["freeze_bn_affine"] and not flat["normalize_embeddings"] and flat["embedding_l2"] == 0.005
+    f = tmp_path / "recipe.yaml"
+    f.write_text("optim:\n  lr_schedule: multistep\n  lr_milestones: [200, 250]\n"
+                 "das:\n  gamma_low: 0.5\n  gamma_high: 2.0\n  bank_overflow: authors\n")
+    cfg = TrainConfig.from_mapping(load_config_file(f))
+    assert (cfg.milestones(), cfg.gamma_range(), cfg.das_bank_overflow) == ((200, 250), (0.5, 2.0), "authors")
+    assert main(["train", "--dry-run", "--das-gamma-low", "0.5"]) == 2
+    assert "das_gamma_high" in capsys.readouterr().err
