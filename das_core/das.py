@@ -35,14 +35,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from das_core.cuda_graphs import GraphCache
+
 __all__ = ["DASDtypeError", "DenselyAnchoredSampling"]
 
 BankPath = Literal["compact", "fixed"]
 BankOverflow = Literal["fifo", "authors"]
-
-# Largest number of elements of one chunk of the pairwise "is v_i − v_j a zero row"
-# test in the fixed-shape bank path (bounds its temporary memory to 64 MiB of float32).
-_PAIR_CHUNK_ELEMENTS = 1 << 24
 
 
 class DASDtypeError(TypeError, ValueError):
@@ -53,6 +51,28 @@ def _nonzero_rows(diff: Tensor) -> Tensor:
     """``(diff != 0).any(-1)``: False exactly for the all-zero rows (NaN counts as non-zero),
     computed as ``max |diff| != 0``, which is several times faster on CPU."""
     return diff.abs().amax(dim=-1) != 0
+
+
+def _duplicate_representative(x: Tensor, labels: Tensor) -> Tensor:
+    """For each row ``i`` of ``x`` (float32), the smallest ``j`` with ``labels[j] == labels[i]``
+    and ``x[i] − x[j]`` an all-zero row (``i`` itself when there is none: rows with a NaN or an
+    infinity never give a zero difference), with the work of one ``B × B`` matrix product.
+
+    ``x[i] − x[j]`` is all zero exactly when both rows are finite and equal as values
+    (``−0.0 == 0.0``; no two distinct finite floats have a zero difference, subnormals
+    included), i.e. when their bit patterns are equal once ``−0.0`` is made ``+0.0``. Each
+    32-bit pattern is read as two 16-bit integers, held in float64: ``u`` is ``(B, 2d)``.
+    The Gram matrix ``G = u uᵀ`` holds sums of integers below ``2d·2^30 < 2^53``: exact in
+    float64 whatever the summation order. By Cauchy–Schwarz ``G_ij = G_ii = G_jj`` exactly
+    when ``‖u_i − u_j‖² = G_ii + G_jj − 2 G_ij = 0``, i.e. when the patterns are equal."""
+    u = torch.where(x == 0, 0.0, x).view(torch.int16).to(torch.float64)
+    gram = u @ u.mT
+    sq = gram.diagonal()
+    # x·0 is ±0 for a finite value and NaN for an infinity or a NaN: a row sum of 0 = finite row
+    finite = (x * 0).sum(dim=1) == 0
+    same = (gram == sq.unsqueeze(1)) & (gram == sq) & (labels.unsqueeze(1) == labels) & finite.unsqueeze(1)
+    same.fill_diagonal_(True)  # a row with a NaN or an infinity is its own group
+    return same.to(torch.uint8).argmax(dim=1)  # the first maximum: the smallest such j
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
@@ -168,6 +188,9 @@ class DenselyAnchoredSampling(nn.Module):
         # Which bank-update implementation to use: None picks by device ("compact" on CPU,
         # "fixed" elsewhere). Tests set it to compare the two.
         self._bank_path: BankPath | None = None
+        # CUDA graphs of the fixed-shape forward (see `forward`); False: always eager.
+        self.cuda_graphs = True
+        self._graphs = GraphCache()
 
         c, d, z = self.num_classes, self.dim, self.bank_size
         self.register_buffer("frequency", torch.zeros(c, d, dtype=torch.float32))
@@ -284,11 +307,11 @@ class DenselyAnchoredSampling(nn.Module):
         if labels.numel() == 0:
             return labels
         if labels.device.type == "cpu":
-            lo, hi = labels.aminmax()
-            if bool(lo < 0) or bool(hi >= self.num_classes):
+            lo, hi = (int(v) for v in labels.aminmax())
+            if lo < 0 or hi >= self.num_classes:
                 raise ValueError(
                     f"labels must lie in [0, num_classes - 1] = [0, {self.num_classes - 1}], "
-                    f"got values in [{int(lo)}, {int(hi)}]"
+                    f"got values in [{lo}, {hi}]"
                 )
         else:  # no host synchronisation: the check fails asynchronously on the device
             torch._assert_async(
@@ -328,16 +351,18 @@ class DenselyAnchoredSampling(nn.Module):
     def _update_frequency(self, x: Tensor, labels: Tensor) -> None:
         """Frequency recorder: ``P[y, k] += 1`` for the top-``K`` (signed) dims of each ``v``."""
         idx = x.topk(self.topk, dim=1).indices  # (B, K)
-        rows = labels.unsqueeze(1).expand_as(idx)
-        # accumulate=True sums duplicates (same class, same dim) exactly: integer counts in float32.
-        self.frequency.index_put_((rows, idx), torch.ones(idx.shape, device=x.device), accumulate=True)
+        flat = torch.add(idx, labels.unsqueeze(1), alpha=self.dim).view(-1)  # into frequency.view(-1)
+        # index_add_ sums duplicates (same class, same dim) exactly: integer counts in float32
+        # (in any order on CUDA, where it adds atomically: one kernel, no sort).
+        ones = torch.ones(1, device=x.device).expand(flat.numel())
+        self.frequency.view(-1).index_add_(0, flat, ones)
 
     def _advance_pointers(self, counts: Tensor) -> None:
         """After ``counts[c]`` new pairs of class ``c`` were pushed: the filled rows and the ring
         write pointer (which, once the bank is full, points at the oldest row)."""
         z = self.bank_size
-        self.bank_filled.copy_(torch.clamp(self.bank_filled + counts, max=z))
-        self.bank_ptr.copy_(torch.remainder(self.bank_ptr + counts, z))
+        self.bank_filled.add_(counts).clamp_(max=z)
+        self.bank_ptr.add_(counts).remainder_(z)
 
     def _update_bank_compact(self, x: Tensor, labels: Tensor) -> None:
         """Bank update with dynamic shapes (``nonzero``): free on CPU, syncs on CUDA.
@@ -398,54 +423,77 @@ class DenselyAnchoredSampling(nn.Module):
     def _update_bank_fixed(self, x: Tensor, labels: Tensor) -> None:
         """Bank update with fixed shapes and no host synchronisation (the CUDA path).
 
-        Same result as :meth:`_update_bank_compact`, computed in the other direction: instead
-        of scattering pairs to slots, every slot of the bank of every sample's class *gathers*
-        the pair that ends up in it, so no dynamic shape and no dump row is needed.
+        Same result as :meth:`_update_bank_compact`, computed in the other direction: every
+        slot of the bank of every sample's class *gathers* the pair that ends up in it. The
+        pairs are never listed: each class's pair list is known arithmetically from counts.
 
-        1. Validity of all ``B²`` ordered pairs ``(i, j)`` (flattened row-major): same class,
-           ``i ≠ j``, ``v_i − v_j`` not a zero row.
-        2. A stable sort of the keys ``class(i)`` (``C`` for invalid pairs, which go last)
-           lists the valid pairs grouped by class, in row-major order within each class;
-           ``n_c`` (a scatter-add) and its exclusive cumsum ``start_c`` locate class ``c``'s
-           run, so its rank-``r`` pair is ``order[start_c + r]``.
-        3. The compact path writes the last ``m_c = min(n_c, Z)`` pairs, rank ``r`` to slot
-           ``(ptr_c + r) mod Z`` for ``r >= s_c = max(n_c − Z, 0)``. Inverted: slot ``z`` has
-           ``k = (z − ptr_c − s_c) mod Z`` and receives rank ``s_c + k`` when ``k < m_c``,
-           else keeps its old row.
-        4. Each sample ``i`` rebuilds the ``(Z, d)`` bank of its class (``B·Z`` differences,
-           not ``B²``) and writes it back with ``index_put_``. Samples of the same class
-           write bit-identical rows, so duplicate indices are harmless.
+        1. Duplicate groups: ``rep[i]`` is the smallest index ``j`` of the same class with
+           ``v_j − v_i`` a zero row (exact; :func:`_duplicate_representative`). Row ``i``
+           has ``w_i = m_c − g_i`` valid partners (``m_c`` samples of its class, ``g_i`` in
+           its group, itself included), class ``c`` has ``n_c = Σ w_i`` valid pairs.
+        2. In label-sorted order (a stable sort of ``B`` labels: classes contiguous, index
+           order within) the exclusive cumsum of ``w`` is the global rank of each row's
+           first pair; the class's pairs are then one contiguous, row-major run.
+        3. As in the compact path the last ``m_c = min(n_c, Z)`` pairs are written, rank
+           ``r`` to slot ``(ptr_c + r) mod Z`` for ``r >= s_c = max(n_c − Z, 0)``. Inverted:
+           slot ``z`` has ``k = (z − ptr_c − s_c) mod Z`` and receives rank ``s_c + k`` when
+           ``k < m_c``, else keeps its old row. A ``searchsorted`` on the row starts finds
+           the pair's row ``a`` and ``t``, its position among ``a``'s valid partners.
+        4. The ``t``-th valid partner of ``a`` is the class member of within-class rank
+           ``t + #{ℓ : q_ℓ − ℓ <= t}`` where ``q_0 < q_1 < …`` are the within-class ranks of
+           ``a``'s duplicate group (those members are skipped); one ``searchsorted`` over
+           all groups, laid out by a stable sort of ``(label, rep)``, counts them.
+        5. Each sample rebuilds the ``(Z, d)`` bank of its class (``B·Z`` differences) and
+           writes it back with ``index_put_``. Samples of the same class write bit-identical
+           rows, so duplicate indices are harmless.
+
+        Work: sorts and searches over ``B`` (and ``B·Z``) elements, plus one ``B × B``
+        float64 product for the exact duplicate test; no ``B²·d`` temporaries.
         """
-        b, d = x.shape
+        b = x.shape[0]
         z, c = self.bank_size, self.num_classes
         dev = x.device
         ar = torch.arange(b, device=dev)
-        valid = (labels.unsqueeze(1) == labels.unsqueeze(0)) & (ar.unsqueeze(1) != ar.unsqueeze(0))
-        # "Zero row" test exactly as in the compact path (on v_i − v_j, not v_i == v_j, which
-        # differ for infinities), chunked over i to bound the (chunk, B, d) temporary.
-        step = max(1, _PAIR_CHUNK_ELEMENTS // max(1, b * d))
-        nonzero = torch.cat(
-            [_nonzero_rows(x[s : s + step].unsqueeze(1) - x.unsqueeze(0)) for s in range(0, b, step)]
-        )
-        valid &= nonzero
-        key = torch.where(valid, labels.unsqueeze(1), c).reshape(-1)  # (B²,), C = invalid
-        order = torch.argsort(key, stable=True)
-        counts = torch.zeros(c + 1, dtype=torch.int64, device=dev)
-        counts = counts.scatter_add_(0, key, torch.ones_like(key))[:c]
-        start = torch.cumsum(counts, 0) - counts
+        one = torch.ones(b, dtype=torch.int64, device=dev)
+        rep = _duplicate_representative(x, labels)
+        # per class: samples m_c and their start in label-sorted order
+        m = torch.zeros(c, dtype=torch.int64, device=dev).scatter_add_(0, labels, one)
+        cls_start = torch.cumsum(m, 0) - m
+        order = torch.argsort(labels, stable=True)
+        sorted_cls_start = cls_start.index_select(0, labels.index_select(0, order))
+        member = torch.empty_like(ar).scatter_(0, order, ar - sorted_cls_start)  # rank in class
+        group = torch.zeros(b, dtype=torch.int64, device=dev).scatter_add_(0, rep, one)
+        w = m.index_select(0, labels) - group.index_select(0, rep)  # valid partners of each row
+        n = torch.zeros(c, dtype=torch.int64, device=dev).scatter_add_(0, labels, w)
+        pair_start = torch.cumsum(n, 0) - n
+        w_sorted = w.index_select(0, order)
+        row_start = torch.cumsum(w_sorted, 0) - w_sorted  # nondecreasing, = pair_start at class starts
 
-        n = counts[labels].unsqueeze(1)  # (B, 1) valid pairs of each sample's class
-        slots = torch.arange(z, device=dev).unsqueeze(0)  # (1, Z)
-        skip = torch.clamp(n - z, min=0)  # s_c
-        k = torch.remainder(slots - self.bank_ptr[labels].unsqueeze(1) - skip, z)  # (B, Z)
-        written = k < torch.clamp(n, max=z)
-        rank = torch.where(written, skip + k, 0)
-        # start + rank < start + n <= number of valid pairs < B², so the gather stays in range.
-        pair = order[start[labels].unsqueeze(1) + rank]  # (B, Z) flat pair indices
-        new = x[torch.div(pair, b, rounding_mode="floor")] - x[torch.remainder(pair, b)]  # (B, Z, d)
-        rows = torch.where(written.unsqueeze(2), new, self.bank[labels])
+        # (B, Z): the rank, within its class, of the pair each slot receives
+        n_i = n.index_select(0, labels).unsqueeze(1)
+        skip = torch.clamp(n_i - z, min=0)  # s_c
+        slots = torch.arange(z, device=dev)
+        k = torch.remainder(slots - self.bank_ptr.index_select(0, labels).unsqueeze(1) - skip, z)
+        written = k < torch.clamp(n_i, max=z)
+        query = pair_start.index_select(0, labels).unsqueeze(1) + torch.where(written, skip + k, 0)
+        pos = torch.searchsorted(row_start, query, right=True) - 1  # >= 0: row_start[0] = 0
+        row = order[pos]  # the pair's first sample a
+        t = query - row_start[pos]  # a's t-th valid partner
+
+        # skip a's duplicate group: groups contiguous in (label, rep) order, index order within
+        gorder = torch.argsort(labels * b + rep, stable=True)
+        gpos = torch.empty_like(ar).scatter_(0, gorder, ar)
+        gstart = gpos.index_select(0, rep)  # the rep is its group's smallest index: comes first
+        # q_ℓ − ℓ (in [0, B)), nondecreasing within a group; groups in increasing gstart
+        key = (gstart * (b + 1) + member - (gpos - gstart)).index_select(0, gorder)
+        g_row = gstart[row]
+        before = torch.searchsorted(key, g_row * (b + 1) + t, right=True) - g_row
+        # clamp: only slots that are not written can point past the batch
+        partner = order[torch.clamp(cls_start[labels].unsqueeze(1) + t + before, max=b - 1)]
+        new = x[row] - x[partner]  # (B, Z, d)
+        rows = torch.where(written.unsqueeze(2), new, self.bank.index_select(0, labels))
         self.bank.index_put_((labels,), rows)
-        self._advance_pointers(counts)
+        self._advance_pointers(n)
 
     # ------------------------------------------------------------------ produce
 
@@ -538,8 +586,8 @@ class DenselyAnchoredSampling(nn.Module):
             z = self.bank_size
             flat = (labels * z + row).reshape(-1)  # (T·B,) rows of bank viewed as (C·Z, d)
             shift = self.bank.reshape(-1, d).index_select(0, flat).view(t_rounds, b, d)
-            coef = (filled > 0).to(torch.float32).mul_(r_b).view(1, b, 1)  # b = r_b·t, 0 if empty
-            shift.mul_(coef)
+            # b = r_b·t; an empty class bank (bank_filled 0) holds zeros, so b = 0 there
+            shift.mul_(r_b)
             out = out.add_(shift) if owned else out + shift
             owned = True
         if self.normalize:
@@ -556,10 +604,27 @@ class DenselyAnchoredSampling(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Update the state with the batch, then produce: returns
         ``(cat([real, round_1, …, round_T]), labels.repeat(1 + T))``; the real part is the
-        input tensor itself (its gradients flow)."""
+        input tensor itself (its gradients flow).
+
+        On CUDA with the fixed-shape bank path, when the produced rows need no gradient
+        (``detach`` on, or no gradient wanted), the update and the production run as one
+        CUDA graph per batch shape, captured on the second call with that shape (see
+        :mod:`das_core.cuda_graphs`; ``cuda_graphs = False`` turns it off). The state
+        evolves exactly as in eager mode; the random draws come from the same generator.
+        """
         labels = self._check_inputs(embeddings, labels)
+        key = self._graph_key(embeddings)
+        if key is None:
+            produced = self._update_and_produce(embeddings, labels)
+        else:
+            with torch.no_grad():
+                produced = self._graphs.run(key, self._update_and_produce, embeddings.detach(), labels)
+        return torch.cat([embeddings, produced]), labels.repeat(1 + self.num_produce)
+
+    def _update_and_produce(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The body of :meth:`forward` after the input checks (what a CUDA graph captures)."""
         self._update(embeddings, labels)
-        produced = self._produce(
+        return self._produce(
             embeddings,
             labels,
             r_s=self.r_s,
@@ -570,4 +635,21 @@ class DenselyAnchoredSampling(nn.Module):
             use_mts=self.use_mts,
             generator=None,
         )
-        return torch.cat([embeddings, produced]), labels.repeat(1 + self.num_produce)
+
+    def _graph_key(self, embeddings: Tensor) -> tuple[Any, ...] | None:
+        """The CUDA-graph cache key of this call, or None when it must run eagerly: not CUDA,
+        graphs off, the compact bank path forced, an empty batch, produced rows that need
+        gradients, or a capture or ``torch.compile`` trace already under way."""
+        if (
+            not self.cuda_graphs
+            or embeddings.device.type != "cuda"
+            or self._bank_path == "compact"
+            or embeddings.shape[0] == 0
+            or (not self.detach and embeddings.requires_grad and torch.is_grad_enabled())
+            or torch.compiler.is_compiling()
+            or torch.cuda.is_current_stream_capturing()
+        ):
+            return None
+        state = tuple(buf.data_ptr() for buf in (self.frequency, self.bank, self.bank_filled, self.bank_ptr))
+        config = tuple(self.config().values())
+        return (embeddings.shape[0], embeddings.dtype, embeddings.device, state, config)
