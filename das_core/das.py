@@ -459,8 +459,8 @@ class DenselyAnchoredSampling(nn.Module):
         # per class: samples m_c and their start in label-sorted order
         m = torch.zeros(c, dtype=torch.int64, device=dev).scatter_add_(0, labels, one)
         cls_start = torch.cumsum(m, 0) - m
-        order = torch.argsort(labels, stable=True)
-        sorted_cls_start = cls_start.index_select(0, labels.index_select(0, order))
+        sorted_labels, order = torch.sort(labels, stable=True)
+        sorted_cls_start = cls_start.index_select(0, sorted_labels)
         member = torch.empty_like(ar).scatter_(0, order, ar - sorted_cls_start)  # rank in class
         group = torch.zeros(b, dtype=torch.int64, device=dev).scatter_add_(0, rep, one)
         w = m.index_select(0, labels) - group.index_select(0, rep)  # valid partners of each row
