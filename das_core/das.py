@@ -61,18 +61,21 @@ def _duplicate_representative(x: Tensor, labels: Tensor) -> Tensor:
     ``x[i] − x[j]`` is all zero exactly when both rows are finite and equal as values
     (``−0.0 == 0.0``; no two distinct finite floats have a zero difference, subnormals
     included), i.e. when their bit patterns are equal once ``−0.0`` is made ``+0.0``. Each
-    32-bit pattern is read as two 16-bit integers, held in float64: ``u`` is ``(B, 2d)``.
-    The Gram matrix ``G = u uᵀ`` holds sums of integers below ``2d·2^30 < 2^53``: exact in
-    float64 whatever the summation order. By Cauchy–Schwarz ``G_ij = G_ii = G_jj`` exactly
-    when ``‖u_i − u_j‖² = G_ii + G_jj − 2 G_ij = 0``, i.e. when the patterns are equal."""
-    u = torch.where(x == 0, 0.0, x).view(torch.int16).to(torch.float64)
+    row becomes integers held in float64, ``u_i``: its 32-bit patterns read as two 16-bit
+    integers each, its label, and ``-1`` (finite row) or ``i`` (a row with a NaN or an
+    infinity, so that it equals no other). Then ``D_ij = ‖u_i − u_j‖² = G_ii + G_jj − 2 G_ij``
+    with ``G = u uᵀ`` is a sum of integers below ``2d·2^30 + 2·2^48 < 2^53`` (labels and
+    batch indices below ``2^24``: a bank of ``2^24`` classes would not fit in memory), exact
+    in float64 whatever the summation order, and zero exactly for equal ``u``. The first
+    zero of row ``i`` (``D_ii = 0``) is the smallest such ``j``: an ``argmin``."""
+    finite = (x * 0).sum(dim=1) == 0  # x·0 is ±0 for a finite value, NaN for an infinity or a NaN
+    bits = torch.where(x == 0, 0.0, x).view(torch.int16)  # (B, 2d)
+    tag = torch.where(finite, -1, torch.arange(x.shape[0], device=x.device))
+    u = torch.cat([bits, labels.unsqueeze(1), tag.unsqueeze(1)], dim=1).to(torch.float64)
     gram = u @ u.mT
     sq = gram.diagonal()
-    # x·0 is ±0 for a finite value and NaN for an infinity or a NaN: a row sum of 0 = finite row
-    finite = (x * 0).sum(dim=1) == 0
-    same = (gram == sq.unsqueeze(1)) & (gram == sq) & (labels.unsqueeze(1) == labels) & finite.unsqueeze(1)
-    same.fill_diagonal_(True)  # a row with a NaN or an infinity is its own group
-    return same.to(torch.uint8).argmax(dim=1)  # the first maximum: the smallest such j
+    dist = torch.sub(sq.unsqueeze(1) + sq, gram, alpha=2)
+    return dist.argmin(dim=1)  # the first minimum: the smallest j with D_ij = 0
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
@@ -442,7 +445,7 @@ class DenselyAnchoredSampling(nn.Module):
         4. The ``t``-th valid partner of ``a`` is the class member of within-class rank
            ``t + #{ℓ : q_ℓ − ℓ <= t}`` where ``q_0 < q_1 < …`` are the within-class ranks of
            ``a``'s duplicate group (those members are skipped); one ``searchsorted`` over
-           all groups, laid out by a stable sort of ``(label, rep)``, counts them.
+           all groups, laid out by a stable sort of ``rep``, counts them.
         5. Each sample rebuilds the ``(Z, d)`` bank of its class (``B·Z`` differences) and
            writes it back with ``index_put_``. Samples of the same class write bit-identical
            rows, so duplicate indices are harmless.
@@ -465,23 +468,24 @@ class DenselyAnchoredSampling(nn.Module):
         group = torch.zeros(b, dtype=torch.int64, device=dev).scatter_add_(0, rep, one)
         w = m.index_select(0, labels) - group.index_select(0, rep)  # valid partners of each row
         n = torch.zeros(c, dtype=torch.int64, device=dev).scatter_add_(0, labels, w)
-        pair_start = torch.cumsum(n, 0) - n
         w_sorted = w.index_select(0, order)
-        row_start = torch.cumsum(w_sorted, 0) - w_sorted  # nondecreasing, = pair_start at class starts
+        row_start = torch.cumsum(w_sorted, 0) - w_sorted  # nondecreasing
+        # per sample: its class's n_c, ring pointer and first label-sorted position
+        n_i, ptr_i, start_i = torch.stack([n, self.bank_ptr, cls_start]).index_select(1, labels).unsqueeze(2)
+        pair_start_i = row_start.index_select(0, start_i.view(-1)).unsqueeze(1)  # pairs of earlier classes
 
         # (B, Z): the rank, within its class, of the pair each slot receives
-        n_i = n.index_select(0, labels).unsqueeze(1)
         skip = torch.clamp(n_i - z, min=0)  # s_c
-        slots = torch.arange(z, device=dev)
-        k = torch.remainder(slots - self.bank_ptr.index_select(0, labels).unsqueeze(1) - skip, z)
+        k = torch.remainder(torch.arange(z, device=dev) - ptr_i - skip, z)
         written = k < torch.clamp(n_i, max=z)
-        query = pair_start.index_select(0, labels).unsqueeze(1) + torch.where(written, skip + k, 0)
+        query = pair_start_i + torch.where(written, skip + k, 0)
         pos = torch.searchsorted(row_start, query, right=True) - 1  # >= 0: row_start[0] = 0
         row = order[pos]  # the pair's first sample a
         t = query - row_start[pos]  # a's t-th valid partner
 
-        # skip a's duplicate group: groups contiguous in (label, rep) order, index order within
-        gorder = torch.argsort(labels * b + rep, stable=True)
+        # skip a's duplicate group: groups contiguous in rep order (any order of the groups
+        # would do), index order within
+        gorder = torch.argsort(rep, stable=True)
         gpos = torch.empty_like(ar).scatter_(0, gorder, ar)
         gstart = gpos.index_select(0, rep)  # the rep is its group's smallest index: comes first
         # q_ℓ − ℓ (in [0, B)), nondecreasing within a group; groups in increasing gstart
@@ -489,7 +493,7 @@ class DenselyAnchoredSampling(nn.Module):
         g_row = gstart[row]
         before = torch.searchsorted(key, g_row * (b + 1) + t, right=True) - g_row
         # clamp: only slots that are not written can point past the batch
-        partner = order[torch.clamp(cls_start[labels].unsqueeze(1) + t + before, max=b - 1)]
+        partner = order[torch.clamp(start_i + t + before, max=b - 1)]
         new = x[row] - x[partner]  # (B, Z, d)
         rows = torch.where(written.unsqueeze(2), new, self.bank.index_select(0, labels))
         self.bank.index_put_((labels,), rows)

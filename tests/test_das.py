@@ -599,15 +599,17 @@ def forward_op_count(path: str | None) -> int:
 def test_forward_op_count_at_the_paper_shape() -> None:
     """A proxy of GPU launch overhead that runs anywhere, so that a regression shows without a
     GPU. Issue 9 measured 97 ops on the CPU (compact) path and 113 on the fixed-shape (CUDA)
-    path run on CPU (131 CUDA kernels). Now: 92 on the compact path (5 fewer: pointers advanced
-    in place, the label range read with one aminmax, no empty-bank coefficient; +3 for the
-    frequency counts by index_add_, which is one atomic kernel on CUDA where index_put_ with
-    accumulate sorts), and 151 on the fixed path: it grew by the exact duplicate groups (about
-    20 ops) and the per-class pair arithmetic (sorts and searchsorted over B instead of B²
-    pair tests), which removes all B²·d work (B = 1024: 512 M element differences before);
-    on CUDA it runs as one CUDA graph. The bounds leave 3 ops of margin."""
+    path run on CPU (131 CUDA kernels). Now 92 on the compact path: the bank update 47 -> 45
+    (pointers advanced in place), the rest 50 -> 47 (the label range read with one aminmax, no
+    empty-bank coefficient: -6; the frequency counts by index_add_, one atomic kernel on CUDA
+    where index_put_ with accumulate sorts: +3). And 143 on the fixed path: the same 47 plus a
+    bank update of 96 ops instead of 63, of which 22 find the exact duplicate groups (one
+    float64 Gram product and an argmin) and the rest are sorts and searchsorted over B and B·Z
+    elements instead of tests of all B² pairs: no B²·d work left (at B = 1024, 512 M element
+    differences per step before). On CUDA all of it after the input checks is one CUDA-graph
+    replay. The bounds leave 3 ops of margin."""
     assert forward_op_count(None) <= 95  # CPU default: the compact bank path
-    assert forward_op_count("fixed") <= 154  # the CUDA path's code, run on the CPU
+    assert forward_op_count("fixed") <= 146  # the CUDA path's code, run on the CPU
 
 
 # ---------------------------------------------------------------------------- CUDA graphs
