@@ -147,7 +147,8 @@ class DenselyAnchoredSampling(nn.Module):
     State (registered buffers, all on the module's device):
         ``frequency`` ``(C, d)`` float32 counts ``P``; ``bank`` ``(C, Z, d)`` float32;
         ``bank_filled`` ``(C,)`` int64 filled rows per class bank; ``bank_ptr``
-        ``(C,)`` int64 next slot to write per class bank (ring write pointer).
+        ``(C,)`` int64 next slot to write per class bank (ring write pointer). A class bank
+        with ``bank_filled`` 0 holds zeros (its shift is then ``r_b · 0 = 0``).
     """
 
     frequency: Tensor
