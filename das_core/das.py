@@ -344,13 +344,13 @@ class DenselyAnchoredSampling(nn.Module):
                 ptr_before = self.bank_ptr.clone() if self.bank_overflow == "authors" else None
                 path = self._bank_path or ("compact" if x.device.type == "cpu" else "fixed")
                 if path == "compact":
-                    self._update_bank_compact(x, labels)
+                    counts = self._update_bank_compact(x, labels)
                 elif path == "fixed":
-                    self._update_bank_fixed(x, labels)
+                    counts = self._update_bank_fixed(x, labels)
                 else:
                     raise ValueError(f"_bank_path={path!r}: must be 'compact', 'fixed' or None")
                 if ptr_before is not None:
-                    self._authors_overflow(x, labels, ptr_before)
+                    self._authors_overflow(labels, ptr_before, counts)
 
     def _update_frequency(self, x: Tensor, labels: Tensor) -> None:
         """Frequency recorder: ``P[y, k] += 1`` for the top-``K`` (signed) dims of each ``v``."""
@@ -368,7 +368,7 @@ class DenselyAnchoredSampling(nn.Module):
         self.bank_filled.add_(counts).clamp_(max=z)
         self.bank_ptr.add_(counts).remainder_(z)
 
-    def _update_bank_compact(self, x: Tensor, labels: Tensor) -> None:
+    def _update_bank_compact(self, x: Tensor, labels: Tensor) -> Tensor:
         """Bank update with dynamic shapes (``nonzero``): free on CPU, syncs on CUDA.
 
         The ``n_c`` new pairs of class ``c``, in the row-major ``(i, j)`` order of the
@@ -376,7 +376,7 @@ class DenselyAnchoredSampling(nn.Module):
         of within-class rank ``r`` lands in slot ``(bank_ptr[c] + r) mod Z`` and the pointer
         advances by ``n_c``, exactly as pushing them one at a time would. Only the last
         ``min(n_c, Z)`` can survive (ranks ``r >= s_c = max(n_c − Z, 0)``, distinct slots), so
-        only those are written."""
+        only those are written. Returns ``n``, the ``(C,)`` valid pairs per class."""
         z, c = self.bank_size, self.num_classes
         same = labels.unsqueeze(1) == labels.unsqueeze(0)
         same.fill_diagonal_(False)
@@ -397,34 +397,27 @@ class DenselyAnchoredSampling(nn.Module):
         slot = torch.remainder(self.bank_ptr.index_select(0, cls) + rank.index_select(0, w), z)
         self.bank.index_put_((cls, slot), diff.index_select(0, order.index_select(0, w)))
         self._advance_pointers(counts[:c])
+        return counts[:c]
 
-    def _authors_overflow(self, x: Tensor, labels: Tensor, ptr_before: Tensor) -> None:
+    def _authors_overflow(self, labels: Tensor, ptr_before: Tensor, counts: Tensor) -> None:
         """``bank_overflow="authors"``, applied after the FIFO push: for each class with more
         than ``Z`` valid pairs in this batch, lay its bank out as the authors' code leaves it
         (the last ``Z`` pairs in slots ``0..Z-1``, oldest first) and restore its pointer.
 
         After the FIFO push, the pair of rank ``n − Z + k`` sits in slot ``(ptr_new + k) mod Z``
         (``ptr_new = ptr + n``), so the authors' layout is the bank rolled by ``ptr_new``.
-        Works per sample (``B·Z`` rows, not ``C·Z``); same-class samples write identical rows."""
-        b = x.shape[0]
+        Works per sample (``B·Z`` rows, not ``C·Z``); same-class samples write identical rows.
+        ``counts``: the valid pairs of each class in this batch (from the bank update)."""
         z = self.bank_size
-        ar = torch.arange(b, device=x.device)
-        step = max(1, _PAIR_CHUNK_ELEMENTS // max(1, b * x.shape[1]))
-        nonzero = torch.cat(
-            [_nonzero_rows(x[s : s + step].unsqueeze(1) - x.unsqueeze(0)) for s in range(0, b, step)]
-        )
-        valid = (labels.unsqueeze(1) == labels.unsqueeze(0)) & (ar.unsqueeze(1) != ar.unsqueeze(0)) & nonzero
-        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=x.device)
-        counts.index_add_(0, labels, valid.sum(1))
         over = counts.index_select(0, labels) > z  # (B,)
         ptr_new = self.bank_ptr.index_select(0, labels)
-        slots = torch.remainder(ptr_new.unsqueeze(1) + torch.arange(z, device=x.device), z)  # (B, Z)
+        slots = torch.remainder(ptr_new.unsqueeze(1) + torch.arange(z, device=labels.device), z)  # (B, Z)
         current = self.bank.index_select(0, labels)  # (B, Z, d)
         rolled = current.gather(1, slots.unsqueeze(2).expand_as(current))
         self.bank.index_put_((labels,), torch.where(over.view(-1, 1, 1), rolled, current))
         self.bank_ptr.index_put_((labels,), torch.where(over, ptr_before.index_select(0, labels), ptr_new))
 
-    def _update_bank_fixed(self, x: Tensor, labels: Tensor) -> None:
+    def _update_bank_fixed(self, x: Tensor, labels: Tensor) -> Tensor:
         """Bank update with fixed shapes and no host synchronisation (the CUDA path).
 
         Same result as :meth:`_update_bank_compact`, computed in the other direction: every
@@ -452,7 +445,8 @@ class DenselyAnchoredSampling(nn.Module):
            rows, so duplicate indices are harmless.
 
         Work: sorts and searches over ``B`` (and ``B·Z``) elements, plus one ``B × B``
-        float64 product for the exact duplicate test; no ``B²·d`` temporaries.
+        float64 product for the exact duplicate test; no ``B²·d`` temporaries. Returns ``n``,
+        the ``(C,)`` valid pairs per class.
         """
         b = x.shape[0]
         z, c = self.bank_size, self.num_classes
@@ -499,6 +493,7 @@ class DenselyAnchoredSampling(nn.Module):
         rows = torch.where(written.unsqueeze(2), new, self.bank.index_select(0, labels))
         self.bank.index_put_((labels,), rows)
         self._advance_pointers(n)
+        return n
 
     # ------------------------------------------------------------------ produce
 

@@ -518,11 +518,18 @@ def bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("c", "d", "z", "b_max", "steps"),
-    [(11, 4, 3, 40, 60), (3, 6, 10, 30, 60), (5, 2, 1, 60, 30), (2, 3, 7, 100, 15), (1000, 16, 10, 1024, 2)],
+    ("c", "d", "z", "b_max", "steps", "overflow"),
+    [
+        (11, 4, 3, 40, 60, "fifo"),
+        (3, 6, 10, 30, 60, "fifo"),
+        (5, 2, 1, 60, 30, "fifo"),
+        (2, 3, 7, 100, 15, "fifo"),
+        (1000, 16, 10, 1024, 2, "fifo"),
+        (4, 3, 4, 30, 40, "authors"),
+    ],
 )
 def test_fixed_path_agrees_bitwise_with_duplicates_and_non_finite_rows(
-    c: int, d: int, z: int, b_max: int, steps: int
+    c: int, d: int, z: int, b_max: int, steps: int, overflow: str
 ) -> None:
     """The fixed-shape path (duplicate groups, per-class pair arithmetic) against the compact
     one on random batch sizes and label patterns: classes with far more than Z pairs, rows
@@ -530,7 +537,8 @@ def test_fixed_path_agrees_bitwise_with_duplicates_and_non_finite_rows(
     chance at small d), -0.0 against 0.0, NaN and infinite rows (never a zero difference),
     and the paper's large case B = 1024 with C = 1000."""
     gen = torch.Generator().manual_seed(c * 1000 + d)
-    a, f = make(c, d, "compact", bank_size=z, topk=1), make(c, d, "fixed", bank_size=z, topk=1)
+    kw = {"bank_size": z, "topk": 1, "bank_overflow": overflow}
+    a, f = make(c, d, "compact", **kw), make(c, d, "fixed", **kw)
     for step in range(steps):
         b = b_max if step % 7 == 1 else int(torch.randint(0, b_max + 1, (1,), generator=gen))
         classes = int(torch.randint(1, c + 1, (1,), generator=gen))
