@@ -195,8 +195,8 @@ def compile_case(timeout: float) -> dict[str, Any]:
         )
     except subprocess.TimeoutExpired:
         return {"skipped": f"torch.compile took over {timeout:.0f} s"}
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-2000:]}
+    if proc.returncode != 0:  # a comparison only: reported, not a failure of the check
+        return {"compile_failed": proc.stderr[-2000:]}
     res: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return res
 
