@@ -42,7 +42,7 @@ def test_runs_table_lists_the_digits_run_with_its_metrics(runs_root: Path, digit
     table = frame(at, "name")
     row = table[table["name"] == "digits"].iloc[0]
     summary = json.loads((digits_run / "summary.json").read_text())
-    for m in reports.METRICS:
+    for m in reports.METRICS:  # the same float64 numbers, read back from JSON (exact round trip)
         assert row[m] == pytest.approx(summary["last"]["test"][m])
         assert row[f"sel. {m}"] == pytest.approx(summary["selected"]["test"][m])
     assert bool(row["DAS"]) and row["dataset"] == "digits" and row["loss"] == "triplet" and row["seed"] == 3

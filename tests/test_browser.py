@@ -256,6 +256,7 @@ def test_explore_map_hover_thumbnail_and_slider(page: Any, server: AppServer) ->
     wait_idle(page)
     after = produced_signature(page)
     assert after is not None and after[0] == before[0] and after != before
+    # three slider steps of 0.001, read back as decimal text: a few float64 ulps from value0 + 0.003
     assert float(thumb.input_value()) == pytest.approx(value0 + 0.003)
     assert_clean(page)
 

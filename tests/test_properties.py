@@ -48,7 +48,9 @@ def test_das_any_shape_pattern_and_dtype(b: int, d: int, c: int, pattern: str, d
     assert torch.isfinite(out.float()).all()
     if b:
         norms = out[b:].float().norm(dim=1)
-        assert torch.allclose(norms, torch.ones_like(norms), atol=2e-2)  # normalised, at the dtype's precision
+        # normalised in float32, then cast: float16 / bfloat16 move each entry by <= 2^-11 / 2^-9
+        # relatively, so the norm is within 2e-3 of 1 (float32 alone: ~1e-6)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=2e-2)
     # state: counts are whole numbers that add up; banks only hold classes that had >= 2 samples
     assert das.frequency.sum().item() == b * topk
     counts = torch.bincount(labels, minlength=c)
@@ -78,8 +80,8 @@ def test_metrics_stay_in_range_with_ties_duplicates_and_singletons(data: st.Data
     # renaming the classes changes nothing
     perm = np.random.default_rng(0).permutation(int(y.max()) + 1)
     m2 = evaluate_embeddings(x, perm[y])
-    for k in ("R@1", "R@2", "R@4", "R@8", "MAP@R", "RP"):
-        assert m2[k] == pytest.approx(m[k], abs=1e-9), k
+    for k in ("R@1", "R@2", "R@4", "R@8", "MAP@R", "RP"):  # integer points: exact distances, same
+        assert m2[k] == pytest.approx(m[k], abs=1e-9), k  # rankings; float64 sums: ~1e-14 apart
 
 
 def test_metrics_duplicates_of_every_item_give_perfect_recall() -> None:
