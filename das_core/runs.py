@@ -42,5 +42,7 @@ def list_runs(root: Path | None = None) -> list[RunInfo]:
         hist = read_jsonl(d / "metrics.jsonl")
         if ckpt is not None or hist:
             out.append(RunInfo(d, ckpt, hist))
-    out.sort(key=lambda r: r.path.stat().st_mtime, reverse=True)
+    # newest first; runs with the same modification time (coarse file-system clocks, folders
+    # copied in one go) by name, not in the file system's directory order
+    out.sort(key=lambda r: (r.path.stat().st_mtime, r.path.name), reverse=True)
     return out

@@ -64,4 +64,4 @@ def list_uploads(upload_dir: Path) -> list[Path]:
     if not upload_dir.is_dir():
         return []
     files = [p for p in upload_dir.glob("*.safetensors") if not p.name.startswith(".")]
-    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)  # ties: by name

@@ -193,9 +193,11 @@ def launch_chromium(headless: bool = True) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory(prefix="das-chromium-") as profile, sync_playwright() as pw:
+        # locale and time zone pinned: the page must not format numbers or times after the
+        # machine's LANG / TZ
         ctx = pw.chromium.launch_persistent_context(
             profile, executable_path=str(CHROMIUM), headless=headless, args=CHROMIUM_ARGS,
-            viewport=VIEWPORT, accept_downloads=True,
+            viewport=VIEWPORT, accept_downloads=True, locale="en-US", timezone_id="UTC",
         )
         try:
             yield ctx

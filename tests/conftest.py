@@ -4,7 +4,9 @@ caches in temporary folders, and one small trained digits run reused across test
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,27 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="das-explorer-tests-"))
 os.environ["DAS_RUNS_DIR"] = str(_SESSION_DIR / "runs")
 os.environ["DAS_CACHE_DIR"] = str(_SESSION_DIR / "cache")
+
+
+# The app serves thumbnail sprite sheets from <repo>/static/cache (Streamlit's static file server
+# reads only there, so DAS_CACHE_DIR cannot move them). What a session writes there is removed
+# at its end: a second run in the same clone starts from the state the first one did.
+STATIC = REPO / "static"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_static_cache_left_behind() -> Iterator[None]:
+    cache = STATIC / "cache"
+    had_static = STATIC.exists()
+    before = set(cache.iterdir()) if cache.is_dir() else set()
+    yield
+    if cache.is_dir():
+        for p in set(cache.iterdir()) - before:
+            shutil.rmtree(p, ignore_errors=True)
+    if not had_static:
+        for d in (cache, STATIC):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 QUICK_DIGITS = [
