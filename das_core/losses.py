@@ -93,9 +93,12 @@ def _multi_similarity(cfg: TrainConfig, c: int, d: int) -> nn.Module:
 
 
 def _npair(cfg: TrainConfig, c: int, d: int) -> nn.Module:
+    from pytorch_metric_learning.distances import DotProductSimilarity
     from pytorch_metric_learning.losses import NPairsLoss
 
-    return _module(NPairsLoss())
+    # PML's default similarity re-normalises: with --no-normalize-embeddings (the authors'
+    # N-pair) the raw dot products are scored, as their loss/npair.py does.
+    return _module(NPairsLoss(distance=DotProductSimilarity(normalize_embeddings=cfg.normalize_embeddings)))
 
 
 def _lifted(cfg: TrainConfig, c: int, d: int) -> nn.Module:

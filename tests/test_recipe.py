@@ -401,3 +401,14 @@ def test_recipe_options_from_flags_and_yaml(tmp_path: Path, capsys: pytest.Captu
     assert (cfg.milestones(), cfg.gamma_range(), cfg.das_bank_overflow) == ((200, 250), (0.5, 2.0), "authors")
     assert main(["train", "--dry-run", "--das-gamma-low", "0.5"]) == 2
     assert "das_gamma_high" in capsys.readouterr().err
+
+
+def test_npair_scores_raw_dot_products_when_unnormalised() -> None:
+    emb = torch.randn(8, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    raw = build_criterion(TrainConfig(loss="npair", miner="none", normalize_embeddings=False), 4)
+    unit = build_criterion(TrainConfig(loss="npair", miner="none"), 4)
+    # normalised: scale-invariant (the same loss for 2x the embeddings, to rounding ~1e-15)
+    assert float(unit(2 * emb, labels)) == pytest.approx(float(unit(emb, labels)), abs=1e-12)
+    # raw dot products: scaling the embeddings changes the loss
+    assert abs(float(raw(2 * emb, labels)) - float(raw(emb, labels))) > 1e-3
