@@ -586,6 +586,8 @@ class _KnnSeeding:
         self.centroid_of = np.full(n, -1, dtype=np.int64)  # seed row -> centroid id
         self.centroid_of[self.seeds] = np.arange(n_clusters)
         self.first = np.full(n, -1, dtype=np.int64)  # nearest seed's centroid id; -1: unknown
+        # the largest seed norm, for the rounding bound in observe()
+        self.seed_norm = float(np.sqrt(np.einsum("ij,ij->i", x[self.seeds], x[self.seeds]).max(initial=0.0)))
 
     def observe(self, rows: IndexArray, dist2: FloatArray, nbr: IndexArray) -> None:
         """Record the nearest seed of each searched row from its neighbours (nearest first)."""
@@ -598,10 +600,13 @@ class _KnnSeeding:
         col = is_seed.argmax(axis=1)
         found = cid[ar, col]
         # Near-ties are left to the faiss search that kmeans_labels would run, so that rounding
-        # differences between the two searches cannot change the result: within this of each
-        # other, two squared distances count as tied (float32 error scales with |x|^2 + |c|^2).
+        # differences between the two searches cannot change the result. Either search forms
+        # |x|^2 + |c|^2 - 2 x.c in float32 from d + 2 terms, off by at most
+        # e = (d + 2)·2^-24·(|x| + |c|)^2 from the exact value (any kernel, any order); two
+        # squared distances further apart than 4e keep their order in both, closer ones count
+        # as tied (a few more rows searched, never a different answer).
         sq = np.einsum("ij,ij->i", self.x[rows], self.x[rows])
-        tol = 1e-5 * (2.0 * sq + 1e-30)
+        tol = 4.0 * (self.x.shape[1] + 2) * 2.0**-24 * (np.sqrt(sq) + self.seed_norm) ** 2 + 1e-30
         is_seed[ar, col] = False
         has_second = is_seed.any(axis=1)
         second = dist2[ar, is_seed.argmax(axis=1)]

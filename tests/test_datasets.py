@@ -288,7 +288,7 @@ def test_sop_errors(tmp_path: Path) -> None:
     )
 
     make_sop_layout(tmp_path, n_classes=4, per_class=2)
-    next(base.glob("chair_final/*.JPG")).unlink()
+    sorted(base.glob("chair_final/*.JPG"))[0].unlink()  # sorted: not the directory order
     assert "1 of 8 images listed in" in error_of(load_sop, tmp_path)
 
 
