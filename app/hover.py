@@ -55,8 +55,9 @@ export default function(component) {
     th.style.backgroundImage = 'url("' + m.base + m.files[sheet] + '")';
     th.style.backgroundSize = (m.per_row * m.size * scale) + 'px auto';
     th.style.backgroundPosition = (-col * m.size * scale) + 'px ' + (-row * m.size * scale) + 'px';
-    // the trace names the class; produced points (customdata [anchor, round]) name their anchor
-    const name = String((p.data && p.data.name) || '');
+    // the trace names the class (a trace of many classes gives each point's class as its text);
+    // produced points (customdata [anchor, round]) name their anchor
+    const name = String((typeof p.text === 'string' && p.text) || (p.data && p.data.name) || '');
     tip.querySelector('.text').textContent = (name ? name + ' · ' : '') +
       (cd.length > 1 ? 'round ' + cd[1] + ' · anchor #' + id : '#' + id);
     plotlyLabel(gd, false);

@@ -16,8 +16,24 @@ PALETTE = (
 )
 
 
+# Up to this many classes, a map draws one trace (and legend entry) per class; beyond it, every
+# class's points share one WebGL trace with a colour per point and the class in the hover label,
+# and only the classes picked for highlighting get traces and legend entries.
+MAX_LEGEND_CLASSES = len(PALETTE)
+
+
 def class_colour(c: int) -> str:
     return PALETTE[int(c) % len(PALETTE)]
+
+
+def many_colour(c: int) -> str:
+    """A colour for class ``c`` of many: hues spaced by the golden angle, so that classes with
+    nearby ids (often related) get far-apart hues, with no palette to run out of."""
+    return f"hsl({(int(c) * 137.508) % 360:.1f},60%,{45 + 12 * (int(c) % 3)}%)"
+
+
+def is_many(n_classes: int) -> bool:
+    return n_classes > MAX_LEGEND_CLASSES
 
 
 def _base_layout(fig: go.Figure, *, height: int, uirevision: str, thumbs: dict[str, Any] | None) -> go.Figure:
@@ -68,13 +84,26 @@ def embedding_map(
     height: int = 640,
     title: str | None = None,
     point_size: float = 4.0,
+    highlight_classes: Sequence[int] | None = None,
 ) -> go.Figure:
     """Real points (one WebGL trace per class, ``customdata = [index in split]``), produced
     points ``(coords, labels, anchor ids, round)`` with their own marker and optional links to
     their anchors (``anchor_coords`` row-aligned with the produced points), and an optional
-    highlighted point set (``(coords, label)``, e.g. a query)."""
+    highlighted point set (``(coords, label)``, e.g. a query).
+
+    With more than ``MAX_LEGEND_CLASSES`` classes, the real points form one trace ("all
+    classes", a colour per class, the class name in each point's hover label, no legend entry)
+    and only ``highlight_classes`` get a trace and legend entry of their own, drawn on top."""
     fig = go.Figure()
-    for c in np.unique(labels):
+    present = np.unique(labels)
+    many = is_many(len(present))
+    if many:
+        _all_classes_trace(fig, coords, labels, class_names, ids, point_size, highlight_classes or ())
+        in_split = set(present.tolist())
+        drawn = [int(c) for c in (highlight_classes or ()) if int(c) in in_split]
+    else:
+        drawn = [int(c) for c in present]
+    for c in drawn:
         sel = labels == c
         fig.add_trace(
             go.Scattergl(
@@ -83,7 +112,11 @@ def embedding_map(
                 mode="markers",
                 name=str(class_names[int(c)]),
                 legendgroup=f"c{int(c)}",
-                marker={"size": point_size, "color": class_colour(int(c)), "opacity": 0.75},
+                marker={
+                    "size": point_size + (2 if many else 0), "color": class_colour(drawn.index(c) if many else c),
+                    "opacity": 0.9 if many else 0.75,
+                    **({"line": {"width": 0.5, "color": "black"}} if many else {}),
+                },
                 customdata=ids[sel].reshape(-1, 1),
                 hovertemplate="%{fullData.name} · #%{customdata[0]}<extra></extra>",
             )
@@ -102,20 +135,37 @@ def embedding_map(
                     line={"width": 0.6, "color": "rgba(60,60,60,0.35)"},
                 )
             )
-        for c in np.unique(p_lab):
+        p_classes = [int(c) for c in np.unique(p_lab)]
+        if many and len(p_classes) > MAX_LEGEND_CLASSES:  # one trace, the class in the hover label
+            fig.add_trace(
+                go.Scattergl(
+                    x=p_xy[:, 0], y=p_xy[:, 1], mode="markers", name="produced", showlegend=False,
+                    marker={"size": point_size + 4, "symbol": "x-thin-open",
+                            "line": {"width": 1.5, "color": [many_colour(int(c)) for c in p_lab]}},
+                    text=[f"produced · {class_names[int(c)]}" for c in p_lab],
+                    customdata=np.stack([p_anchor, p_round], axis=1),
+                    hovertemplate="produced, round %{customdata[1]} · anchor #%{customdata[0]}<extra>%{text}</extra>",
+                )
+            )
+            p_classes = []
+        for c in p_classes:
             sel = p_lab == c
+            if not many:
+                colour = class_colour(c)
+            else:
+                colour = class_colour(drawn.index(c)) if c in drawn else many_colour(c)
             fig.add_trace(
                 go.Scattergl(
                     x=p_xy[sel, 0],
                     y=p_xy[sel, 1],
                     mode="markers",
-                    name=f"produced · {class_names[int(c)]}",
-                    legendgroup=f"c{int(c)}",
+                    name=f"produced · {class_names[c]}",
+                    legendgroup=f"c{c}",
                     marker={
                         "size": point_size + 4,
-                        "color": class_colour(int(c)),
+                        "color": colour,
                         "symbol": "x-thin-open",
-                        "line": {"width": 1.5, "color": class_colour(int(c))},
+                        "line": {"width": 1.5, "color": colour},
                     },
                     customdata=np.stack([p_anchor[sel], p_round[sel]], axis=1),
                     hovertemplate=(
@@ -135,6 +185,27 @@ def embedding_map(
     if title:
         fig.update_layout(title={"text": title, "font": {"size": 14}})
     return _base_layout(fig, height=height, uirevision=uirevision, thumbs=thumbs)
+
+
+def _all_classes_trace(fig: go.Figure, coords: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                       ids: np.ndarray, point_size: float, highlighted: Sequence[int]) -> None:
+    """Every real point in one WebGL trace: per-point colours, the class name as hover text."""
+    uniq, inverse = np.unique(labels, return_inverse=True)
+    colours = np.array([many_colour(int(c)) for c in uniq], dtype=object)[inverse]
+    names = np.array([str(class_names[int(c)]) for c in uniq], dtype=object)[inverse]
+    fig.add_trace(
+        go.Scattergl(
+            x=coords[:, 0],
+            y=coords[:, 1],
+            mode="markers",
+            name=f"all {len(uniq)} classes",
+            showlegend=False,
+            marker={"size": point_size, "color": colours.tolist(), "opacity": 0.35 if len(highlighted) else 0.7},
+            text=names.tolist(),
+            customdata=ids.reshape(-1, 1),
+            hovertemplate="%{text} · #%{customdata[0]}<extra></extra>",
+        )
+    )
 
 
 def heatmap(

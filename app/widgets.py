@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
@@ -101,3 +101,38 @@ def checkpoint_caption(ckpt: Checkpoint) -> str:
     r1 = f", test R@1 {100 * test['R@1']:.1f}%" if "R@1" in test else ""
     return (f"{ckpt.dataset} · {c.backbone} {c.embedding_dim}-d · {c.loss} / {c.miner} · {das} · "
             f"epoch {ckpt.epoch}{r1}")
+
+
+def largest_classes(labels: Any, n: int) -> list[int]:
+    """The ``n`` classes with the most items (ties: lower class id first), in id order."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    order = np.lexsort((np.arange(len(counts)), -counts))
+    return sorted(int(c) for c in order[:n] if counts[c] > 0)
+
+
+def class_picker(names: Sequence[str], key: str, *, default: Sequence[int], label: str = "Classes",
+                 many_label: str | None = None, where: Any = None, help: str | None = None) -> list[int]:
+    """Pick classes by name. Up to ``plots.MAX_LEGEND_CLASSES`` classes: every class is offered
+    and ``default`` chosen. More: a searchable multiselect (type part of a name) limited to that
+    many picks, starting from ``default``; classes held from a previous checkpoint that this one
+    lacks are dropped first."""
+    from app.plots import MAX_LEGEND_CLASSES, is_many
+
+    where = where if where is not None else st
+    options = list(range(len(names)))
+    held = st.session_state.get(key)
+    if held is not None:
+        kept = [c for c in held if isinstance(c, int) and 0 <= c < len(names)]
+        if kept != list(held):
+            st.session_state[key] = kept
+    else:
+        st.session_state[key] = list(default)
+    many = is_many(len(names))
+    picked = where.multiselect(
+        (many_label or f"{label} (type a name to search {len(names):,})") if many else label, options,
+        key=key, format_func=lambda c: str(names[c]), max_selections=MAX_LEGEND_CLASSES if many else None,
+        help=help,
+    )
+    return [int(c) for c in picked]

@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     build = demo_sub.add_parser("build", help="retrain the demo checkpoints into assets/demo (make demo-model)")
     build.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (testing only)")
+    build.add_argument("--dataset", default=None, help="rebuild only the demos on this dataset (e.g. emoji-styles)")
     demo_sub.add_parser("path", help="print the demo checkpoints' paths")
     from das_core.jobs import add_jobs_parser
 
@@ -276,7 +277,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from das_core.demo import available_demos, build_demo
 
     if args.demo_command == "build":
-        for path in build_demo(epochs=args.epochs):
+        for path in build_demo(epochs=args.epochs, dataset=args.dataset):
             print(f"wrote {path}")
         return 0
     for path in available_demos():

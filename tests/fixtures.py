@@ -7,6 +7,7 @@ the dataset folder, which the matching loader accepts as ``data_root``:
 - ``make_cars_layout``   -> ``root`` (cars_annos.mat, car_ims/) (``load_cars196``)
 - ``make_sop_layout``    -> ``root/Stanford_Online_Products`` (``load_sop``)
 - ``make_image_folder``  -> ``root`` (one subfolder per class)  (``load_image_folder``)
+- ``make_styled_folder`` -> ``root`` (class/style/image: many classes, with styles) (``load_image_folder``)
 - ``make_idx_files``     -> ``root`` (Fashion-MNIST idx files)   (``load_fashion_mnist``)
 
 Import with ``from fixtures import make_cub_layout`` (pytest puts ``tests/`` on ``sys.path``).
@@ -172,6 +173,19 @@ def make_image_folder(
         (base / cname / "notes.txt").write_text("not an image\n")
     write_image(base / ".hidden_class" / "x.jpg", seed=1)
     (base / "README.txt").write_text("class folders below\n")
+    return base
+
+
+def make_styled_folder(root: Path, class_names: Sequence[str], styles: Sequence[str], *, size: int = 8) -> Path:
+    """``root/<class>/<style>/img.png``: one image per class and style (the folder loader reads
+    the subfolder as the image's style), many classes cheaply (PNG of ``size`` px a side)."""
+    base = Path(root)
+    rng = np.random.default_rng(0)
+    for cname in class_names:
+        for sname in styles:
+            (base / cname / sname).mkdir(parents=True, exist_ok=True)
+            arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+            Image.fromarray(arr, mode="RGB").save(base / cname / sname / "img.png")
     return base
 
 

@@ -38,6 +38,7 @@ from fixtures import (
     make_idx_files,
     make_image_folder,
     make_sop_layout,
+    make_styled_folder,
     write_image,
 )
 
@@ -309,6 +310,20 @@ def test_image_folder_classes_extensions_and_hidden_files(tmp_path: Path) -> Non
     assert splits.train.load_image(6).size == (12, 10)
     check_splits(load_image_folder(root, train_classes=4), 13, 3, 4, 1)
     check_splits(load_splits("folder", root, train_classes=1), 3, 13, 1, 4)
+
+
+def test_image_folder_styles_from_subfolders_follow_every_split(tmp_path: Path) -> None:
+    root = make_styled_folder(tmp_path / "styled", ["ant", "bee", "cow", "doe"], ["noto", "twemoji", "openmoji"])
+    write_image(root / "ant" / "loose.png", seed=1)  # directly in its class folder: no style
+    splits = load_splits("folder", root, train_classes=2, val_fraction=0.4, seed=0)
+    for ds in (splits.train, splits.get("val"), splits.test):
+        for i in range(len(ds)):
+            path = ds.describe_item(i)
+            style = ds.style_of(i)
+            assert style == ("" if path.endswith("loose.png") else Path(path).parent.name), (path, style)
+    assert sorted(set(splits.test.item_styles.tolist())) == ["noto", "openmoji", "twemoji"]
+    plain = load_image_folder(make_image_folder(tmp_path / "plain", ("a", "b"), per_class=2))
+    assert plain.train.item_styles is None and plain.train.style_of(0) is None  # no style subfolders: no styles
 
 
 def test_image_folder_two_classes_default(tmp_path: Path) -> None:

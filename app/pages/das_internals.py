@@ -44,6 +44,10 @@ else:
 freq = das.frequency.detach().cpu().numpy()
 mask = das.mask.detach().cpu().numpy()
 n_classes, dim = freq.shape
+many = plots.is_many(n_classes)
+if many:
+    st.info(f"{n_classes:,} classes: the heatmap, the bank charts and the tables show the classes picked below "
+            "(type part of a class name to find it); every class's state is one pick away.")
 st.markdown(
     f"**{n_classes} classes × {dim} dimensions** · K = {das.topk} · bank size Z = {das.bank_size} · "
     f"T = {das.num_produce} · r_s = {das.r_s:g} · r_b = {das.r_b:g} · "
@@ -55,14 +59,16 @@ tab_p, tab_bank, tab_preview = st.tabs(["Frequency recorder P and mask M", "Memo
 with tab_p:
     if not das.use_dfs or freq.sum() == 0:
         st.info("DFS was off: the frequency recorder is empty.")
-    max_rows = 60
     rows = list(range(n_classes))
-    if n_classes > max_rows:
-        rows = st.multiselect(
-            f"Classes to show ({n_classes} in all; a heatmap of every class would be unreadable)",
-            list(range(n_classes)), default=list(range(max_rows)), format_func=lambda c: names[c],
-            key="internals_rows",
+    if many:  # default: the 10 classes DAS saw most embeddings of
+        busiest = sorted(int(c) for c in np.argsort(-freq.sum(axis=1), kind="stable")[:10])
+        rows = widgets.class_picker(
+            names, "internals_rows", default=busiest,
+            many_label=f"Classes to show (type a name to search the {n_classes:,}; a heatmap of every class "
+                       "would be unreadable)",
         )
+        if not rows:
+            st.info("Pick at least one class above to see its row of P and M.")
     normalise = st.toggle("Show each class's counts as a share of its embeddings", value=True, key="internals_norm",
                           help="P[c, k] / (number of embeddings of class c seen): comparable across classes")
     z = freq[rows]
@@ -101,13 +107,20 @@ with tab_bank:
     filled = das.bank_filled.detach().cpu().numpy()
     if not das.use_mts or filled.sum() == 0:
         st.info("MTS was off: the banks are empty.")
+    fill_rows = rows if many else list(range(n_classes))
+    if many:
+        full, empty = int((filled >= das.bank_size).sum()), int((filled == 0).sum())
+        st.caption(f"Banks of all {n_classes:,} classes: {full:,} full, {empty:,} empty, "
+                   f"{n_classes - full - empty:,} partly filled (median {int(np.median(filled))} of "
+                   f"Z = {das.bank_size}). The bars show the classes picked on the first tab.")
     st.plotly_chart(
-        plots.bars([names[c] for c in range(n_classes)], (filled / das.bank_size).tolist(),
+        plots.bars([names[c] for c in fill_rows], (filled[fill_rows] / das.bank_size).tolist(),
                    y_title=f"bank filled (of Z = {das.bank_size})",
-                   colours=[plots.class_colour(c) for c in range(n_classes)]),
+                   colours=[plots.class_colour(j if many else c) for j, c in enumerate(fill_rows)]),
         width="stretch", key="internals_fill",
     )
-    cls = st.selectbox("Class", list(range(n_classes)), format_func=lambda c: names[c], key="internals_class")
+    cls = st.selectbox("Class" + (f" (type a name to search the {n_classes:,})" if many else ""),
+                       list(range(n_classes)), format_func=lambda c: names[c], key="internals_class")
     from das_core.analysis import bank_summary
 
     bank = bank_summary(das, int(cls))
@@ -123,7 +136,7 @@ with tab_bank:
         )
         st.plotly_chart(
             plots.bars([f"t{i + 1}" for i in range(len(t))], bank["norms"].tolist(), y_title="‖t‖",
-                       colours=[plots.class_colour(int(cls))] * len(t)),
+                       colours=[plots.class_colour(int(cls)) if not many else plots.many_colour(int(cls))] * len(t)),
             width="stretch", key="internals_norms",
         )
         st.caption(
@@ -140,7 +153,8 @@ with tab_preview:
     with widgets.guard("Fitting the map"):
         mp = state.umap_map(ckpt, es)
     c1, c2, c3 = st.columns(3)
-    p_cls = c1.selectbox("Anchor class", list(range(n_classes)), format_func=lambda c: names[c], key="internals_pcls")
+    p_cls = c1.selectbox("Anchor class" + (" (type to search)" if many else ""), list(range(n_classes)),
+                         format_func=lambda c: names[c], key="internals_pcls")
     members = np.flatnonzero(es.labels == p_cls)
     pick = int(c2.number_input(f"Anchor (0..{len(members) - 1} within the class)", 0, max(0, len(members) - 1), 0,
                                key="internals_anchor"))
@@ -163,7 +177,7 @@ with tab_preview:
             mp.coords, es.labels, es.class_names, np.arange(len(es)),
             produced=(xy, np.full(len(points), p_cls), np.full(len(points), anchor), np.arange(1, len(points) + 1)),
             anchor_coords=anchors_xy, highlight=(mp.coords[[anchor]], f"anchor #{anchor}"), thumbs=thumbs,
-            uirevision=f"internals-{ckpt.path}", point_size=3,
+            uirevision=f"internals-{ckpt.path}", point_size=3, highlight_classes=[int(p_cls)],
         )
         st.plotly_chart(fig, width="stretch", key="internals_preview")
         shift = np.linalg.norm(points - es.embeddings[anchor], axis=1)

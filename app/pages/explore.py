@@ -53,8 +53,15 @@ with st.sidebar:
     seed = st.number_input("Seed", 0, 10_000, 0, key="produce_seed")
 
 names = es.class_names
-classes = st.multiselect("Classes", list(range(len(names))), default=list(range(len(names))),
-                         format_func=lambda c: names[c], key="classes")
+many = plots.is_many(len(names))
+classes = widgets.class_picker(
+    names, "classes", default=widgets.largest_classes(es.labels, 5) if many else range(len(names)),
+    many_label=f"Classes to highlight and produce from (type a name to search the {len(names):,})",
+)
+if many:
+    st.caption(f"{len(names):,} classes: every real point is drawn, coloured by class (hover a point for its "
+               f"class), without a legend; the classes picked above (at most {plots.MAX_LEGEND_CLASSES}) are "
+               "highlighted with a legend entry each, and DAS produces from them only.")
 st.caption(das_note)
 
 
@@ -63,7 +70,7 @@ def produce_and_draw() -> None:
     from das_core.analysis import gap_fill, produced_honesty, select_anchors
 
     with widgets.guard("Producing"):
-        keep = np.isin(es.labels, classes)
+        keep = np.ones(len(es), dtype=bool) if many else np.isin(es.labels, classes)
         anchors = select_anchors(es.labels, per_class, classes=classes, seed=int(seed))
         produced, p_lab, p_anchor, p_round = state.produce(
             das, es, anchors, r_s=r_s, r_b=r_b, rounds=int(rounds), topk=int(topk),
@@ -77,10 +84,12 @@ def produce_and_draw() -> None:
         produced=(p_xy, p_lab, p_anchor, p_round) if len(produced) else None,
         anchor_coords=mp.coords[p_anchor] if len(produced) else None,
         show_links=show_links, thumbs=thumbs, uirevision=f"explore-{ckpt.path}-{split}",
+        highlight_classes=classes,
     )
+    which = (f"all {len(names):,} classes, {len(classes)} highlighted" if many
+             else f"all of the {len(classes)} chosen classes; {len(es):,} in the split")
     st.caption(
-        f"Drawing **{int(keep.sum()):,}** real points (all of the {len(classes)} chosen classes; "
-        f"{len(es):,} in the split) and **{len(produced):,}** produced points "
+        f"Drawing **{int(keep.sum()):,}** real points ({which}) and **{len(produced):,}** produced points "
         f"({len(anchors):,} anchors × T={int(rounds)}). Hover a point for its image; box/lasso-select to see "
         "and export images."
     )
@@ -130,6 +139,7 @@ def produce_and_draw() -> None:
             anchor_rows = np.array([pos.get(int(a), -1) for a in p_anchor])
             fig2 = plots.embedding_map(
                 real_xy, es.labels[keep], names, ids, produced=(prod_xy, p_lab, p_anchor, p_round),
+                highlight_classes=classes,
                 anchor_coords=real_xy[anchor_rows] if (anchor_rows >= 0).all() else None,
                 show_links=show_links, thumbs=thumbs, uirevision="joint", title="Joint fit (real + produced)",
             )

@@ -44,12 +44,16 @@ names = es.class_names
 
 # -- a second checkpoint --------------------------------------------------------------------------
 def _default_second() -> str | None:
-    """The other demo for a demo (DAS vs baseline), else the first other checkpoint."""
+    """The other demo of the pair for a demo (DAS vs baseline on the same dataset), else the
+    first other checkpoint."""
+    from das_core.demo import demo_partner
+
     choices = state.checkpoint_choices()
     others = [c for c in choices if c.path != str(ckpt.path)]
     is_demo = any(c.path == str(ckpt.path) and c.kind == "demo" for c in choices)
-    demos = [c for c in others if c.kind == "demo"] if is_demo else []
-    return (demos or others)[0].path if others else None
+    partner = demo_partner(ckpt.path) if is_demo else None
+    pair = [c for c in others if partner is not None and c.path == str(partner)]
+    return (pair or others)[0].path if others else None
 
 
 second_default = _default_second()
@@ -101,7 +105,9 @@ with c_col:
         exclude = q_index
         with widgets.guard("Loading the image"):
             query_img = dataset.load_image(q_index)
-        origin = f"#{q_index} of the {split} split · {names[query_label]} (left out of its own results)"
+        q_style = dataset.style_of(q_index)
+        origin = (f"#{q_index} of the {split} split · {names[query_label]}"
+                  f"{f' · style {q_style}' if q_style else ''} (left out of its own results)")
     elif source == "sample":
         samples = reports.sample_queries(state.QUERY_SAMPLES, names)
         if not samples:
@@ -128,8 +134,8 @@ with c_col:
         up = st.file_uploader("Query image (PNG, JPEG or WebP; any size or mode)", type=["png", "jpg", "jpeg", "webp"],
                               key="retrieve_upload")
         label_opts = [-1, *range(len(names))]
-        up_label = int(st.selectbox("Its class, if you know it (to mark the results)", label_opts, key="retrieve_upload_label",
-                                    format_func=lambda c: "unknown" if c < 0 else names[c]))
+        up_label = int(st.selectbox("Its class, if you know it (to mark the results; type to search)", label_opts,
+                                    key="retrieve_upload_label", format_func=lambda c: "unknown" if c < 0 else names[c]))
         if up is None:
             st.info("Upload an image to query with.")
             st.stop()
@@ -170,6 +176,7 @@ with widgets.guard("Retrieving"):
 st.session_state["retrieve_results"] = [
     {"checkpoint": str(e[1].path), "indices": e[3].indices.tolist(), "distances": e[3].distances.tolist(),
      "labels": e[3].labels.tolist(), "correct": None if e[3].correct is None else e[3].correct.tolist(),
+     "styles": [(dataset if e[1] is ckpt else state.splits(e[1]).get(split)).style_of(int(i)) for i in e[3].indices],
      "summary": e[3].summary()}
     for e in entries
 ]
@@ -205,8 +212,9 @@ for title, ck, _es, r, _, t_e in entries:
                 mark = "" if ok is None else ("✔ " if ok else "✘ ")
                 with widgets.guard("Loading a result image"):
                     img = framed(ds.load_image(i), colour)
-                cols[j - start].image(img, caption=f"{j + 1}. {mark}{names[lab]} · #{i} · d {d:.3f}",
-                                      width="stretch")
+                style = ds.style_of(i)  # the vendor / font / ... of the hit, where the dataset records one
+                cols[j - start].image(img, caption=f"{j + 1}. {mark}{names[lab]}{f' · {style}' if style else ''} · "
+                                                   f"#{i} · d {d:.3f}", width="stretch")
 
 # -- the map --------------------------------------------------------------------------------------
 if show_map:
@@ -224,6 +232,7 @@ if show_map:
             fig = plots.embedding_map(
                 mp.coords, es_.labels, names, np.arange(len(es_)), thumbs=thumbs,
                 uirevision=f"retrieve-{ck.path}-{split}", height=480, title=title, point_size=3,
+                highlight_classes=[query_label] if query_label is not None else None,
             )
             # its results, then the query, both WebGL and the query last: drawn on top of its results
             fig.add_trace(go.Scattergl(

@@ -33,7 +33,11 @@ class DMLDataset(torch.utils.data.Dataset[tuple[Any, int]]):
     """One split: items with labels ``0..C-1`` (contiguous within the split) and class names.
 
     ``load_image(i)`` returns the raw PIL image (for thumbnails and queries);
-    ``dataset[i]`` returns ``(transform(image), label)``.
+    ``dataset[i]`` returns ``(transform(image), label)``. ``styles`` optionally names the
+    style of every item (the vendor that drew an emoji, the font of a glyph, ...), kept as
+    ``item_styles`` through every subset; ``style_of(i)`` is what the app shows next to a
+    retrieval result (``None``: the dataset records no styles). A dataset that stores styles
+    otherwise overrides ``style_of``.
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class DMLDataset(torch.utils.data.Dataset[tuple[Any, int]]):
         labels: np.ndarray,
         class_names: Sequence[str],
         transform: Transform | None = None,
+        styles: Sequence[str] | np.ndarray | None = None,
     ) -> None:
         labels = np.asarray(labels, dtype=np.int64)
         if labels.ndim != 1:
@@ -54,6 +59,12 @@ class DMLDataset(torch.utils.data.Dataset[tuple[Any, int]]):
         self.labels = labels
         self.class_names = list(class_names)
         self.transform = transform
+        self.item_styles: np.ndarray | None = None
+        if styles is not None:
+            arr = np.asarray(styles, dtype=str)
+            if arr.shape != labels.shape:
+                raise DatasetError(f"{name}/{split}: {arr.shape[0] if arr.ndim else 0} styles for {len(labels)} items")
+            self.item_styles = arr
 
     # -- to implement -------------------------------------------------------------------------
     def load_image(self, index: int) -> Image.Image:
@@ -75,6 +86,10 @@ class DMLDataset(torch.utils.data.Dataset[tuple[Any, int]]):
         img = self.load_image(index)
         x: Any = self.transform(img) if self.transform is not None else img
         return x, int(self.labels[index])
+
+    def style_of(self, index: int) -> str | None:
+        """The style of item ``index``, or ``None`` when the dataset records no styles."""
+        return None if self.item_styles is None else str(self.item_styles[index])
 
     @property
     def num_classes(self) -> int:
@@ -101,7 +116,8 @@ class DMLDataset(torch.utils.data.Dataset[tuple[Any, int]]):
             remap[present] = np.arange(len(present))
             labels = remap[labels]
             names = [self.class_names[c] for c in present]
-        DMLDataset.__init__(out, self.name, split or self.split, labels, names, self.transform)
+        styles = None if self.item_styles is None else self.item_styles[idx]
+        DMLDataset.__init__(out, self.name, split or self.split, labels, names, self.transform, styles)
         return out
 
 
@@ -117,13 +133,14 @@ class ArrayDataset(DMLDataset):
         class_names: Sequence[str],
         transform: Transform | None = None,
         source: str = "",
+        styles: Sequence[str] | np.ndarray | None = None,
     ) -> None:
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
             raise DatasetError(
                 f"{name}/{split}: images must be uint8 (N,H,W) or (N,H,W,3) matching {len(labels)} labels, "
                 f"got {images.dtype} {images.shape}"
             )
-        super().__init__(name, split, labels, class_names, transform)
+        super().__init__(name, split, labels, class_names, transform, styles)
         self.images = images
         self.source = source
 
@@ -151,10 +168,11 @@ class FileDataset(DMLDataset):
         labels: np.ndarray,
         class_names: Sequence[str],
         transform: Transform | None = None,
+        styles: Sequence[str] | np.ndarray | None = None,
     ) -> None:
         if len(paths) != len(labels):
             raise DatasetError(f"{name}/{split}: {len(paths)} paths but {len(labels)} labels")
-        super().__init__(name, split, labels, class_names, transform)
+        super().__init__(name, split, labels, class_names, transform, styles)
         # already-Path items are kept as they are: re-parsing 120k paths (SOP) costs ~1 s
         self.paths = [p if isinstance(p, Path) else Path(p) for p in paths]
 

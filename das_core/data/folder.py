@@ -1,4 +1,6 @@
-"""Your own images: ``<root>/<class name>/<images>`` (subfolders of a class folder included).
+"""Your own images: ``<root>/<class name>/<images>`` (subfolders of a class folder included;
+an image in ``<root>/<class name>/<style>/...`` has that subfolder's name as its style, shown
+next to retrieval results).
 
 Classes are the non-hidden subfolders of ``root``, sorted by name; the first
 ``train_classes`` of them train (default: half, rounded down) and the rest test. Files with
@@ -88,6 +90,10 @@ def load_image_folder(data_root: str | Path | None, train_classes: int | None = 
     paths = [p for imgs in images for p in imgs]
     class_ids = np.repeat(np.arange(n, dtype=np.int64), [len(imgs) for imgs in images])
     ids = list(range(n))
+    # an image in a subfolder of its class folder has that subfolder's name as its style
+    styles = [p.relative_to(root / names[c]).parts[0] if len(p.relative_to(root / names[c]).parts) > 1 else ""
+              for p, c in zip(paths, class_ids, strict=True)]
     return build_splits(
-        LAYOUT, paths, class_ids, dict(enumerate(names)), ids[: int(k)], ids[int(k) :], source=str(root)
+        LAYOUT, paths, class_ids, dict(enumerate(names)), ids[: int(k)], ids[int(k) :], source=str(root),
+        styles=styles if any(styles) else None,
     )

@@ -210,10 +210,12 @@ def build_splits(
     test_ids: Sequence[int],
     *,
     source: str,
+    styles: Sequence[str] | None = None,
 ) -> DatasetSplits:
     """Class-disjoint train/test ``FileDataset``s: item ``i`` is ``paths[i]`` of class
-    ``class_ids[i]`` (an id in ``class_names``); labels are contiguous per split, in class-id
-    order. Classes listed but without images are left out (and noted)."""
+    ``class_ids[i]`` (an id in ``class_names``), in style ``styles[i]`` if given; labels are
+    contiguous per split, in class-id order. Classes listed but without images are left out
+    (and noted)."""
     ids = np.asarray(class_ids, dtype=np.int64)
     order = np.array(sorted(class_names), dtype=np.int64)
     pos = np.searchsorted(order, ids)
@@ -221,7 +223,7 @@ def build_splits(
     if bad.any():  # loaders validate ids first; this guards the helper itself
         raise layout.error(f"images of unknown class id {int(ids[np.argmax(bad)])}", layout=False)
     names = unique_names(class_names)
-    full = FileDataset(layout.name, "all", paths, pos, [names[int(c)] for c in order])
+    full = FileDataset(layout.name, "all", paths, pos, [names[int(c)] for c in order], styles=styles)
     index = {int(c): k for k, c in enumerate(order)}
     train, test = split_by_classes(full, [index[c] for c in train_ids], [index[c] for c in test_ids])
     for split, ds in (("train", train), ("test", test)):
