@@ -104,8 +104,13 @@ def _splits(dataset: str, data_root: str | None, train_classes: int | None, val_
 
 
 def splits(ckpt: Checkpoint) -> DatasetSplits:
-    """The dataset splits the checkpoint was trained on."""
+    """The dataset splits the checkpoint was trained on (for emoji-styles, only when it is
+    rendered already: a message saying how to get it, rather than minutes of rendering)."""
     c = ckpt.config
+    if c.dataset == "emoji-styles":
+        from das_core.data.emoji_styles import require_rendered
+
+        require_rendered(c.image_size, c.data_root)
     return _splits(c.dataset, c.data_root, c.train_classes, c.val_classes, c.val_fraction, c.seed, c.image_size)
 
 

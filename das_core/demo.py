@@ -28,7 +28,7 @@ DEMO_SEED = 0
 # a class-disjoint validation split for model selection
 EMOJI_DEMO: dict[str, object] = {
     "dataset": "emoji-styles", "image_size": 32, "embedding_dim": 64, "batch_size": 120, "samples_per_class": 2,
-    "epochs": 30, "lr": 1e-3, "val_fraction": 0.0, "val_classes": 60,
+    "epochs": 15, "lr": 1e-3, "val_fraction": 0.0, "val_classes": 60,
 }
 # name -> overrides of the cpu-demo preset (the first is the app's default checkpoint)
 DEMO_MODELS: dict[str, dict[str, object]] = {

@@ -100,3 +100,18 @@ def test_retrieval_shows_the_style_of_each_hit(many_ckpt: Path) -> None:
     assert any(f"{ZEBRA} · style twemoji" in c.value for c in at.caption)  # the query's own style
     spec = the_map(at, "retrieve")
     assert ZEBRA in legend_entries(spec) and len(legend_entries(spec)) <= 4
+
+
+def test_an_emoji_checkpoint_without_the_rendered_data_says_how_to_get_it(
+        digits_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app_helpers import digits_runs_root, fake_checkpoint
+
+    root = digits_runs_root(tmp_path, monkeypatch, digits_run)
+    ckpt = fake_checkpoint(digits_run / "best.safetensors", root / "emoji" / "best.safetensors",
+                           dataset="emoji-styles", image_size=32)
+    monkeypatch.setenv("DAS_DATA_DIR", str(tmp_path / "no-data"))  # nothing installed there
+    at = app_on("app/pages/explore.py", ckpt)
+    assert not at.exception
+    (err,) = at.error  # the page's guard, on opening the dataset
+    assert "emoji-styles is not installed here" in err.value and "make data" in err.value
+    assert not (tmp_path / "no-data").exists(), "the app does not start installing behind a spinner"

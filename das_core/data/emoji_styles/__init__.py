@@ -41,6 +41,23 @@ def default_root() -> Path:
     return default_data_dir() / NAME
 
 
+def require_rendered(size: int | None = None, data_root: str | Path | None = None) -> Path:
+    """The rendered file the loader would read for a model of input ``size``; a
+    ``DatasetError`` saying how to build it when it is not there (the app asks for this
+    instead of installing and rendering for minutes behind a spinner)."""
+    base = default_root() if data_root is None else Path(data_root).expanduser()
+    px = max(DEFAULT_SIZE, size or 0)
+    path = cache_path(base, px)
+    if not path.is_file():
+        how = "make data" if px == DEFAULT_SIZE else f"python -m das_core data download emoji-styles --size {px}"
+        raise DatasetError(
+            f"emoji-styles is not installed here ({path} is missing): run `{how}` in the repository (installs the "
+            "pinned npm emoji sets and renders them once, a few minutes; the app needs the images for its "
+            "thumbnails and queries)"
+        )
+    return path
+
+
 def make_split(keys: Sequence[str], seed: int = 0) -> dict[str, object]:
     """A seeded half of ``keys`` (sorted first) to train, the rest to test."""
     ordered = sorted(keys)
@@ -162,8 +179,11 @@ class EmojiDataset(ArrayDataset):
         out.styles = self.styles[indices]
         return out
 
+    def style_of(self, index: int) -> str:
+        return self.style_names[int(self.styles[index])]
+
     def describe_item(self, index: int) -> str:
-        return f"{self.source or self.name}/{self.split}#{index} ({self.style_names[int(self.styles[index])]})"
+        return f"{self.source or self.name}/{self.split}#{index} ({self.style_of(index)})"
 
 
 def load_emoji_styles(
