@@ -57,7 +57,10 @@ else:
     st.subheader("Curves")
     with_curves = [r for r in rows if r["metrics"]]
     labels = {r["name"]: f"{r['name']} ({'DAS' if r['DAS'] else 'no DAS'})" for r in with_curves}
-    chosen = st.multiselect("Runs to plot", list(labels), default=list(labels)[:4], key="compare_runs",
+    # your runs first, then the demos (four demo checkpoints alone would fill the default)
+    first = [r["name"] for r in with_curves if r.get("kind") != "demo"] + [
+        r["name"] for r in with_curves if r.get("kind") == "demo"]
+    chosen = st.multiselect("Runs to plot", list(labels), default=first[:4], key="compare_runs",
                             format_func=labels.__getitem__)
     show_val = st.toggle("Also the validation R@1 (dashed)", value=False, key="compare_val")
     r1: dict[str, tuple[Any, Any]] = {}
