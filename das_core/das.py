@@ -66,16 +66,15 @@ def _duplicate_representative(x: Tensor, labels: Tensor) -> Tensor:
     infinity, so that it equals no other). Then ``D_ij = ‖u_i − u_j‖² = G_ii + G_jj − 2 G_ij``
     with ``G = u uᵀ`` is a sum of integers below ``2d·2^30 + 2·2^48 < 2^53`` (labels and
     batch indices below ``2^24``: a bank of ``2^24`` classes would not fit in memory), exact
-    in float64 whatever the summation order, and zero exactly for equal ``u``. The first
-    zero of row ``i`` (``D_ii = 0``) is the smallest such ``j``: an ``argmin``."""
+    in float64 whatever the summation order, and zero exactly for equal ``u``. Along row
+    ``i``, ``G_jj − 2 G_ij = D_ij − G_ii`` (exact too) is smallest exactly where
+    ``D_ij = 0`` (at ``j = i`` at least): its first minimum is the smallest such ``j``."""
     finite = (x * 0).sum(dim=1) == 0  # x·0 is ±0 for a finite value, NaN for an infinity or a NaN
-    bits = torch.where(x == 0, 0.0, x).view(torch.int16)  # (B, 2d)
+    bits = (x + 0.0).view(torch.int16)  # −0.0 + 0.0 = +0.0, every other value unchanged; (B, 2d)
     tag = torch.where(finite, -1, torch.arange(x.shape[0], device=x.device))
     u = torch.cat([bits, labels.unsqueeze(1), tag.unsqueeze(1)], dim=1).to(torch.float64)
     gram = u @ u.mT
-    sq = gram.diagonal()
-    dist = torch.sub(sq.unsqueeze(1) + sq, gram, alpha=2)
-    return dist.argmin(dim=1)  # the first minimum: the smallest j with D_ij = 0
+    return torch.sub(gram.diagonal(), gram, alpha=2).argmin(dim=1)
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
@@ -396,8 +395,9 @@ class DenselyAnchoredSampling(nn.Module):
         cls = skey.index_select(0, w)
         slot = torch.remainder(self.bank_ptr.index_select(0, cls) + rank.index_select(0, w), z)
         self.bank.index_put_((cls, slot), diff.index_select(0, order.index_select(0, w)))
-        self._advance_pointers(counts[:c])
-        return counts[:c]
+        n = counts[:c]
+        self._advance_pointers(n)
+        return n
 
     def _authors_overflow(self, labels: Tensor, ptr_before: Tensor, counts: Tensor) -> None:
         """``bank_overflow="authors"``, applied after the FIFO push: for each class with more
@@ -473,7 +473,7 @@ class DenselyAnchoredSampling(nn.Module):
         skip = torch.clamp(n_i - z, min=0)  # s_c
         k = torch.remainder(torch.arange(z, device=dev) - ptr_i - skip, z)
         written = k < torch.clamp(n_i, max=z)
-        query = pair_start_i + torch.where(written, skip + k, 0)
+        query = pair_start_i + skip + k  # past the class's pairs where not written: unused
         pos = torch.searchsorted(row_start, query, right=True) - 1  # >= 0: row_start[0] = 0
         row = order[pos]  # the pair's first sample a
         t = query - row_start[pos]  # a's t-th valid partner
@@ -484,7 +484,8 @@ class DenselyAnchoredSampling(nn.Module):
         gpos = torch.empty_like(ar).scatter_(0, gorder, ar)
         gstart = gpos.index_select(0, rep)  # the rep is its group's smallest index: comes first
         # q_ℓ − ℓ (in [0, B)), nondecreasing within a group; groups in increasing gstart
-        key = (gstart * (b + 1) + member - (gpos - gstart)).index_select(0, gorder)
+        # = gstart·(B + 1) + q_ℓ − ℓ with ℓ = gpos − gstart
+        key = (gstart * (b + 2) + member - gpos).index_select(0, gorder)
         g_row = gstart[row]
         before = torch.searchsorted(key, g_row * (b + 1) + t, right=True) - g_row
         # clamp: only slots that are not written can point past the batch
