@@ -243,8 +243,31 @@ class TrainConfig:
         low=0.0,
         high=100.0,
     )
+    das_grad_norm: bool = _opt(
+        False,
+        "rescale the DAS loss every step so the gradient reaching the real embeddings has the norm "
+        "the plain loss on the real batch would give it",
+        "das",
+    )
+    das_exclude_own_copies: bool = _opt(
+        False, "drop mined pairs and triplets that pair an embedding with its own produced copies", "das"
+    )
+    das_diagnostics_steps: int = _opt(
+        4,
+        "DAS diagnostics (tuple shares, real vs produced gradients, bank age) measured on this many "
+        "steps per epoch, written to metrics.jsonl (0 = off)",
+        "das",
+        low=0,
+        high=10000,
+    )
     # -- optimisation -------------------------------------------------------------------------
-    optimizer: str = _opt("adam", "optimiser", "optim", choices=("adam", "adamw", "sgd"))
+    optimizer: str = _opt(
+        "adam",
+        "optimiser: adam (weight decay added to the gradient, as the paper), adamw (decoupled weight "
+        "decay) or sgd (momentum 0.9, Nesterov)",
+        "optim",
+        choices=("adam", "adamw", "sgd"),
+    )
     lr: float = _opt(1e-3, "learning rate of the network", "optim", low=0.0, low_open=True, high=10.0)
     weight_decay: float = _opt(4e-4, "weight decay", "optim", low=0.0, high=1.0)
     batch_size: int = _opt(100, "real images per batch (classes x samples per class)", "optim", low=2, high=65536)
@@ -381,6 +404,13 @@ class TrainConfig:
                 "miner",
                 self.miner,
                 f"loss {self.loss} uses every pair (or its proxies) and takes no miner; use --miner none",
+            )
+        if self.das_exclude_own_copies and (self.loss in MINERLESS_LOSSES or self.miner == "pddm"):
+            raise ConfigError(
+                "das_exclude_own_copies",
+                True,
+                f"needs a pair or triplet loss with a tuple miner (or --miner none); {self.loss} with "
+                f"miner {self.miner} forms no tuples to filter",
             )
         if self.backbone == "small-cnn" and self.image_size is not None and self.image_size < 16:
             raise ConfigError("image_size", self.image_size, "the small CNN needs at least 16 pixels")

@@ -20,6 +20,7 @@ from das_core.miners import IndicesTuple, build_miner
 if TYPE_CHECKING:
     from das_core.config import TrainConfig
     from das_core.das import DenselyAnchoredSampling
+    from das_core.diagnostics import DASDiagnostics
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,12 @@ class Criterion(nn.Module):
 
     Holds every piece of training state outside the network (DAS buffers, proxies, the
     learnable margin, the PDDM unit) so that one ``state_dict`` carries it into checkpoints.
+
+    Options that test why DAS helps or hurts (all off by default, the paper's behaviour):
+    ``grad_norm`` rescales the DAS loss each step so the gradient reaching the real
+    embeddings has the norm the plain loss on the real batch would give;
+    ``exclude_own_copies`` drops mined tuples that pair an embedding with its own produced
+    copies. ``diagnostics`` (set by the trainer) measures a few steps per epoch.
     """
 
     def __init__(
@@ -192,6 +199,8 @@ class Criterion(nn.Module):
         *,
         aux_weight: float = 0.0,
         embedding_l2: float = 0.0,
+        grad_norm: bool = False,
+        exclude_own_copies: bool = False,
     ) -> None:
         super().__init__()
         self.loss = loss
@@ -199,37 +208,86 @@ class Criterion(nn.Module):
         self.das = das
         self.aux_weight = aux_weight
         self.embedding_l2 = embedding_l2
+        self.grad_norm = grad_norm
+        self.exclude_own_copies = exclude_own_copies
+        self.diagnostics: DASDiagnostics | None = None
 
-    def _score(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _score(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, IndicesTuple | None]:
+        """The loss of the batch and the tuples it used (``None``: the loss chose them itself).
+        ``source[i]``: the real embedding row ``i`` was produced from (drops own-copy tuples)."""
         if self.miner is None:
-            out: torch.Tensor = self.loss(embeddings, labels)
-            return out
+            if source is None:
+                out: torch.Tensor = self.loss(embeddings, labels)
+                return out, None
+            from pytorch_metric_learning.utils.loss_and_miner_utils import get_all_pairs_indices
+
+            indices: IndicesTuple = drop_own_copies(tuple(get_all_pairs_indices(labels)), source)
+            return self.loss(embeddings, labels, indices), indices
         mine_with_loss = getattr(self.miner, "mine_with_loss", None)
         if mine_with_loss is not None:  # PDDM mining also trains the PDDM unit (its metric loss)
             indices, extra = mine_with_loss(embeddings, labels)
             scored: torch.Tensor = self.loss(embeddings, labels, indices)
             unit_loss: torch.Tensor = extra
-            return scored + unit_loss
-        result: torch.Tensor = self.loss(embeddings, labels, self.miner(embeddings, labels))
-        return result
+            return scored + unit_loss, indices
+        indices = self.miner(embeddings, labels)
+        if source is not None:
+            indices = drop_own_copies(indices, source)
+        result: torch.Tensor = self.loss(embeddings, labels, indices)
+        return result, indices
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        diag = self.diagnostics
         if self.das is None:
-            return self._penalised(embeddings, labels)
+            score, _ = self._penalised(embeddings, labels)
+            return score
+        ptr_before = self.das.bank_ptr.clone() if diag is not None else None
         emb_all, labels_all = self.das(embeddings, labels)
-        enlarged = self._penalised(emb_all, labels_all)
+        b = embeddings.shape[0]
+        source = torch.arange(b, device=embeddings.device).repeat(1 + self.das.num_produce)
+        if diag is not None and ptr_before is not None:
+            diag.track_bank(self.das, labels, ptr_before)
+        enlarged, indices = self._penalised(emb_all, labels_all, source if self.exclude_own_copies else None)
+        measure = diag is not None and diag.measure_now()
+        if self.grad_norm or measure:
+            # The baseline's loss on the same real batch: what the gradient size is matched to
+            # (--das-grad-norm) and compared with (diagnostics). Mining it draws random numbers;
+            # for diagnostics alone the RNG is put back, so measuring never changes training.
+            rng = None if self.grad_norm else _rng_state(embeddings.device)
+            base, _ = self._penalised(embeddings, labels)
+            g_base = _grad_norm(base, embeddings)
+            g_das = _grad_norm(enlarged, embeddings)
+            if diag is not None and measure:
+                diag.measure(self, embeddings, emb_all, labels_all, source, indices, g_das, g_base)
+            if rng is not None:
+                _set_rng_state(embeddings.device, rng)
+            if self.grad_norm:
+                # scale = |grad_E L_base| / |grad_E L_DAS|, a constant for this step (no gradient
+                # through it); 1 when either is zero, capped at 100 so a vanishing DAS gradient
+                # is not blown up into noise.
+                scale = torch.where(
+                    (g_das > 0) & (g_base > 0), (g_base / g_das.clamp_min(1e-12)).clamp(max=100.0), 1.0
+                )
+                enlarged = enlarged * scale.detach()
+                if diag is not None and measure:
+                    diag.add("grad_norm_scale", float(scale))
         if self.aux_weight > 0:  # the auxiliary-loss variant: L(real) + w * L(real and produced)
-            return self._penalised(embeddings, labels) + self.aux_weight * enlarged
+            plain, _ = self._penalised(embeddings, labels)
+            return plain + self.aux_weight * enlarged
         return enlarged
 
-    def _penalised(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _penalised(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, IndicesTuple | None]:
         """The loss plus ``embedding_l2 · mean ‖e‖₂`` over the batch it saw (real and produced),
-        as the authors' lifted and N-pair losses regularise their unnormalised embeddings."""
-        score = self._score(embeddings, labels)
+        as the authors' lifted and N-pair losses regularise their unnormalised embeddings; and the
+        tuples the loss used (see ``_score``)."""
+        score, indices = self._score(embeddings, labels, source)
         if self.embedding_l2 <= 0:
-            return score
+            return score, indices
         penalty: torch.Tensor = torch.linalg.vector_norm(embeddings, dim=1).mean()
-        return score + self.embedding_l2 * penalty
+        return score + self.embedding_l2 * penalty, indices
 
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
         """Optimiser groups for the criterion's own parameters (proxies, margin beta: ``loss_lr``;
@@ -251,6 +309,43 @@ class Criterion(nn.Module):
         if pddm_params:
             groups.append({"params": pddm_params, "lr": cfg.pddm_lr or 10.0 * cfg.lr, "name": "pddm"})
         return groups
+
+
+def drop_own_copies(indices: IndicesTuple, source: torch.Tensor) -> IndicesTuple:
+    """The tuples of ``indices`` without those pairing an embedding with its own produced copy:
+    a triplet ``(a, p, n)`` goes when ``source[a] == source[p]``; of pairs
+    ``(a1, p, a2, n)`` only positive pairs can go (a copy has its source's label)."""
+    if len(indices) == 3:
+        a, p, n = indices
+        keep = source[a] != source[p]
+        return a[keep], p[keep], n[keep]
+    if len(indices) == 4:
+        a1, p, a2, n = indices
+        keep = source[a1] != source[p]
+        return a1[keep], p[keep], a2, n
+    raise ValueError(f"an indices tuple has 3 (triplets) or 4 (pairs) tensors, got {len(indices)}")
+
+
+def _grad_norm(loss: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
+    """``|d loss / d wrt|`` (detached), without touching any parameter's ``.grad``."""
+    if not (loss.requires_grad and wrt.requires_grad):
+        return torch.zeros((), device=wrt.device)
+    (g,) = torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)
+    if g is None:
+        return torch.zeros((), device=wrt.device)
+    norm: torch.Tensor = torch.linalg.vector_norm(g.detach())
+    return norm
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def build_das(cfg: TrainConfig, num_classes: int) -> DenselyAnchoredSampling | None:
@@ -296,5 +391,11 @@ def build_criterion(cfg: TrainConfig, num_classes: int) -> Criterion:
     if miner is not None and not spec.takes_miner:
         raise ValueError(f"loss {cfg.loss} takes no miner; use --miner none")
     return Criterion(
-        loss, miner, build_das(cfg, num_classes), aux_weight=cfg.das_aux_weight, embedding_l2=cfg.embedding_l2
+        loss,
+        miner,
+        build_das(cfg, num_classes),
+        aux_weight=cfg.das_aux_weight,
+        embedding_l2=cfg.embedding_l2,
+        grad_norm=cfg.das_grad_norm,
+        exclude_own_copies=cfg.das_exclude_own_copies,
     )

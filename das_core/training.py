@@ -273,6 +273,10 @@ def train(
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     criterion = build_criterion(cfg, splits.train.num_classes).to(device)
     optimizer = _optimizer(cfg, model, criterion)
+    from das_core.diagnostics import DASDiagnostics, weight_norms
+
+    diag = DASDiagnostics(cfg.das_diagnostics_steps) if cfg.das and cfg.das_diagnostics_steps and main else None
+    criterion.diagnostics = diag
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
@@ -330,6 +334,8 @@ def train(
         augment.manual_seed(epoch_seed(cfg.seed, epoch) + ctx.rank)
         sampler.set_epoch(epoch)
         set_epoch_lr(optimizer, cfg, epoch)
+        if diag is not None:
+            diag.start_epoch(len(sampler))
         model.train()
         criterion.train()
         loss_sum = torch.zeros((), device=device)
@@ -399,6 +405,9 @@ def train(
             "lr": optimizer.param_groups[0]["lr"],
             "time": time.time() - epoch_start,
         }
+        record["weight_norm"] = weight_norms(model)
+        if diag is not None:
+            record["das_diagnostics"] = diag.summary()
         if not main:  # rank 0 evaluates and writes; the others wait for it
             barrier(ctx)
             continue
