@@ -13,7 +13,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 THREADS := OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 NUMBA_NUM_THREADS=2
 APT := DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0
 
-.PHONY: run test setup setup-dev data browser demo-model check bench bench-quick bench-das screenshots lint clean help
+.PHONY: run test setup setup-dev data browser demo-model check bench bench-quick bench-das bench-finegrained bench-finegrained-quick screenshots lint clean help
 
 help:
 	@echo "make run        set up if needed, then open the app on the embedded demo model"
@@ -21,6 +21,8 @@ help:
 	@echo "make demo-model retrain the embedded demo checkpoints (same seed, same result)"
 	@echo "make bench      scale/speed benchmarks (bench/), results in bench/results/"
 	@echo "make bench-das  the DAS benchmark on the embedded split (baseline vs + DAS, 3 seeds)"
+	@echo "make bench-finegrained  DAS on emoji-styles (many classes, few images): 5 losses x 5 seeds,"
+	@echo "                the why-variants, ablations, r_s x r_b grid; paired CIs into README (<= 2 h)"
 	@echo "make screenshots retake the README's screenshots (headless Chromium, demo checkpoint)"
 
 $(PY):
@@ -91,6 +93,19 @@ bench-quick: setup-dev
 
 bench-das: setup-dev
 	$(THREADS) $(PY) bench/bench_das_training.py
+
+# Issue 11: the fine-grained DAS benchmark (emoji-styles, cached EfficientNet-Lite0 activations,
+# last layers trained on the CPU). One thread per process, two processes (main comparison; the
+# why-variants, ablations and grid), then the paired statistics into README.md.
+FINE := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) bench/bench_das_finegrained.py --lr 1e-3 --epochs 12 --threads 1
+bench-finegrained: setup-dev
+	$(FINE) --plan main --budget-minutes 110 & \
+	  $(FINE) --plan why ablation grid --budget-minutes 110 --out bench/results/das_finegrained_why.json; wait
+	$(PY) bench/summarise_finegrained.py --results bench/results/das_finegrained.json bench/results/das_finegrained_why.json
+
+bench-finegrained-quick: setup-dev
+	$(FINE) --quick
+	$(PY) bench/summarise_finegrained.py --results bench/results/das_finegrained_quick.json --print
 
 # One screenshot per page of the real app, on the demo checkpoint, into assets/screenshots/.
 screenshots: setup-dev $(DEMO)

@@ -117,9 +117,9 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
                      "r_s": r_s, "r_b": r_b})
 
     for plan in args.plan:
-        if plan == "main":
-            for seed in args.seeds:
-                for loss in losses:
+        if plan == "main":  # loss by loss, so a run cut short by its budget holds whole losses
+            for loss in losses:
+                for seed in args.seeds:
                     add("baseline", loss, seed, {"das": False})
                     add("das", loss, seed, {"das": True})
         elif plan == "why":
@@ -158,9 +158,9 @@ def build_cache(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
     import torch.nn.functional as F
+    from finegrained import lite0_stem_and_blocks, load_lite0, to_unit_range
 
     from das_core.data import load_splits
-    from finegrained import lite0_stem_and_blocks, load_lite0, to_unit_range
 
     upto = SETTINGS[args.setting]
     path = CACHE / f"{args.dataset}-{args.image_size}px-b{upto}.pt"
@@ -200,7 +200,6 @@ def build_cache(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_one(run: dict[str, Any], cache: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     import torch
-
     from finegrained import Tail, load_lite0, tail_config, train_embedding
 
     cfg = tail_config({**run["overrides"], "seed": run["seed"]}, recipe(args))

@@ -9,7 +9,7 @@ baseline trained the same way), with the per-epoch curves summarised as the peak
 the drop from the peak. The Fashion-MNIST benchmark (``das_training.json``) gets the same
 paired intervals for the joint reading.
 
-    python bench/summarise_finegrained.py [--results bench/results/das_finegrained.json] [--print]
+    python bench/summarise_finegrained.py [--results FILE ...] [--print]
 """
 
 from __future__ import annotations
@@ -91,7 +91,10 @@ def curve_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
         for c in curve:
             for k, v in (c.get("das_diagnostics") or {}).items():
                 diag[k].append(v)
-    mean = (lambda xs: sum(xs) / len(xs) if xs else math.nan)
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else math.nan
+
     return {"peak_epoch": mean(peaks), "drop_from_peak": mean(drops), "weight_norm": mean(norms),
             "diagnostics": {k: mean(v) for k, v in diag.items()}}
 
@@ -219,10 +222,11 @@ def _num(x: float | None) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", type=Path, default=DEFAULT)
+    ap.add_argument("--results", type=Path, nargs="+", default=[DEFAULT, RESULTS / "das_finegrained_why.json"],
+                    help="result files (missing ones are skipped)")
     ap.add_argument("--print", action="store_true", help="print the table instead of writing README.md")
     args = ap.parse_args()
-    records = json.loads(args.results.read_text())
+    records = [r for path in args.results if path.is_file() for r in json.loads(path.read_text())]
     s = summarise(records)
     text = render(s, fashion_mnist())
     if args.print or not replace_readme_section("finegrained-table", text):

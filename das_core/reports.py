@@ -417,6 +417,41 @@ def run_curves(source: Path | Sequence[Mapping[str, Any]]) -> dict[str, list[flo
     return out
 
 
+DIAGNOSTIC_LABELS = {
+    "weight_norm.backbone": "weight norm: backbone",
+    "weight_norm.backbone_last": "weight norm: backbone's last layer",
+    "weight_norm.embed": "weight norm: embedding layer",
+    "das_diagnostics.share_produced": "DAS: share of tuples with a produced embedding",
+    "das_diagnostics.share_own_copy": "DAS: share of tuples pairing an embedding with its own copy",
+    "das_diagnostics.share_active": "DAS: share of non-zero loss terms",
+    "das_diagnostics.grad_ratio": "DAS: gradient on real embeddings, DAS / baseline loss",
+    "das_diagnostics.grad_das": "DAS: gradient norm on real embeddings (DAS loss)",
+    "das_diagnostics.grad_baseline": "DAS: gradient norm on real embeddings (plain loss, same batch)",
+    "das_diagnostics.grad_real_terms": "DAS: gradient norm from real-only tuples",
+    "das_diagnostics.grad_produced_terms": "DAS: gradient norm from tuples with produced embeddings",
+    "das_diagnostics.loss_real": "DAS: loss on real-only tuples",
+    "das_diagnostics.loss_produced": "DAS: loss on tuples with produced embeddings",
+    "das_diagnostics.bank_age_steps": "DAS: mean age of the bank rows used (steps)",
+    "das_diagnostics.produced_offset": "DAS: distance of a produced embedding from its source",
+}
+
+
+def run_diagnostics(source: Path | Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """Per epoch: ``epoch`` and every weight norm and DAS diagnostic the run logged, keyed
+    ``weight_norm.<part>`` / ``das_diagnostics.<name>`` (NaN where an epoch lacks it)."""
+    by_epoch: dict[int, Mapping[str, Any]] = {}
+    for r in _history(source):
+        if isinstance(r.get("epoch"), int | float):
+            by_epoch[int(r["epoch"])] = r
+    keys = sorted({f"{group}.{k}" for r in by_epoch.values() for group in ("weight_norm", "das_diagnostics")
+                   if isinstance(r.get(group), dict) for k in r[group]})
+    out: dict[str, list[float]] = {"epoch": [float(e) for e in sorted(by_epoch)]}
+    for key in keys:
+        group, name = key.split(".", 1)
+        out[key] = [float((by_epoch[e].get(group) or {}).get(name, float("nan"))) for e in sorted(by_epoch)]
+    return out
+
+
 def _metrics(record: Mapping[str, Any] | None, split: str) -> dict[str, float]:
     m = (record or {}).get(split)
     return {k: float(v) for k, v in m.items() if isinstance(v, int | float)} if isinstance(m, dict) else {}

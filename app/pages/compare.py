@@ -86,6 +86,20 @@ else:
             st.plotly_chart(plots.curves(loss, y_title="train loss", height=340), key="compare_loss",
                             width="stretch")
 
+    if chosen:
+        # -- DAS diagnostics (issue 11): why DAS helps or hurts, per epoch ----------------------------
+        diags = {r["name"]: reports.run_diagnostics(r["metrics"]) for r in with_curves if r["name"] in chosen}
+        keys = sorted({k for d in diags.values() for k in d if k != "epoch"},
+                      key=lambda k: (not k.startswith("das_"), k))
+        if keys:
+            st.markdown("**DAS diagnostics per epoch** (measured on a few steps of each epoch; weight norms for "
+                        "every run)")
+            key = st.selectbox("Diagnostic", keys, key="compare_diag",
+                               format_func=lambda k: reports.DIAGNOSTIC_LABELS.get(k, k))
+            series = {n: (d["epoch"], d[key]) for n, d in diags.items() if key in d}
+            st.plotly_chart(plots.curves(series, y_title=reports.DIAGNOSTIC_LABELS.get(key, key), height=300),
+                            key="compare_diag_chart", width="stretch")
+
 # -- benchmarks -----------------------------------------------------------------------------------
 st.subheader("Benchmarks")
 bench = reports.bench_summary(REPO_ROOT / "bench" / "results")
