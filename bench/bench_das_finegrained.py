@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--steps-per-epoch", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=112, help="real images per batch (2 per class)")
+    ap.add_argument("--eval-every", type=int, default=1,
+                    help="evaluate the test classes every N epochs (the last always; training is unaffected)")
     ap.add_argument("--budget-minutes", type=float, default=120.0, help="start no new run after this")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="<= 10 min: 2 losses x 2 seeds x 6 epochs, main plan")
@@ -221,7 +223,8 @@ def run_one(run: dict[str, Any], cache: dict[str, Any], args: argparse.Namespace
         return emb.numpy(), cache["test_labels"]
 
     print(f"{run['id']}", flush=True)
-    out = train_embedding(cfg, net, train_x, cache["train_labels"], embed_test, device=torch.device("cpu"))
+    out = train_embedding(cfg, net, train_x, cache["train_labels"], embed_test, device=torch.device("cpu"),
+                          eval_every=args.eval_every)
     return {
         "dataset": cache["dataset"],
         "setting": args.setting,

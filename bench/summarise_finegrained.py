@@ -81,13 +81,15 @@ def curve_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
     diag: dict[str, list[float]] = defaultdict(list)
     for r in recs:
         curve = r.get("curve") or []
-        if not curve:
+        evaluated = [c for c in curve if "test" in c]
+        if not evaluated:
             continue
-        r1 = [c["test"]["R@1"] for c in curve]
-        best = max(range(len(r1)), key=lambda i: r1[i])
-        peaks.append(curve[best]["epoch"])
-        drops.append(100 * (r1[-1] - r1[best]))
         norms.append(curve[-1].get("weight_norm", {}).get("backbone", math.nan))
+        if len(evaluated) > 1:  # runs evaluated at the last epoch only have no curve to read
+            r1 = [c["test"]["R@1"] for c in evaluated]
+            best = max(range(len(r1)), key=lambda i: r1[i])
+            peaks.append(evaluated[best]["epoch"])
+            drops.append(100 * (r1[-1] - r1[best]))
         for c in curve:
             for k, v in (c.get("das_diagnostics") or {}).items():
                 diag[k].append(v)

@@ -48,7 +48,13 @@ def test_runs_table_lists_the_digits_run_with_its_metrics(runs_root: Path, digit
     assert bool(row["DAS"]) and row["dataset"] == "digits" and row["loss"] == "triplet" and row["seed"] == 3
     assert row["epochs"] == 2 and row["selected epoch"] == summary["selected_epoch"]
     assert "digits" in at.multiselect(key="compare_runs").value
-    assert len(at.get("plotly_chart")) == 2  # R@1 and loss per epoch
+    # R@1 and loss per epoch, and the DAS diagnostics (the run trained with DAS)
+    assert [c.key for c in at.get("plotly_chart")] == ["compare_r1", "compare_loss", "compare_diag_chart"]
+    options = at.selectbox(key="compare_diag").options
+    assert reports.DIAGNOSTIC_LABELS["das_diagnostics.share_own_copy"] in options
+    assert reports.DIAGNOSTIC_LABELS["weight_norm.backbone"] in options
+    logged = reports.run_diagnostics(digits_run)
+    assert len(logged["das_diagnostics.share_own_copy"]) == 2  # one value per epoch
     bench = reports.bench_summary(REPO / "bench" / "results")
     shown = sum(d is not None for d in (bench["das"], bench["step"]))
     assert sum(("variant" in d.value.columns) or ("plain step (ms)" in d.value.columns) for d in at.dataframe) == shown
