@@ -286,11 +286,15 @@ def test_disabled_halves_do_nothing() -> None:
 
 
 def check_produced(
-    das: DenselyAnchoredSampling, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, r_s: float, r_b: float
+    das: DenselyAnchoredSampling, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, r_s: float, r_b: float,
+    mask: torch.Tensor | None = None,
 ) -> None:
-    """Every produced row (normalize off) is s ⊙ v + r_b·t with t a filled row of its class bank."""
+    """Every produced row (normalize off) is s ⊙ v + r_b·t with t a filled row of its class bank.
+    ``mask``: the mask the rows were produced with (default ``das.mask``); pass the producing
+    device's own when ``das`` is a copy on another device, since integer counts tie often and
+    CPU and CUDA ``topk`` break ties differently."""
     b = x.shape[0]
-    mask = das.mask
+    mask = das.mask if mask is None else mask
     assert out.shape[0] % b == 0
     # Tolerances from float32 rounding (u = 2^-24): p = fl(s·v + fl(r_b·t)) and p − v are a few
     # roundings of numbers of size |v| + |r_b·t| <= 1 + 2·r_b (|v| <= 1, bank rows are
@@ -756,5 +760,5 @@ def test_cuda_graph_forward_matches_eager_state_without_host_sync() -> None:
         )
         cpu = make(7, 32, **kw)
         cpu.load_state_dict({k: v.cpu() for k, v in graphed.state_dict().items()})
-        check_produced(cpu, x, y, out[24:].detach().cpu(), 0.2, 0.5)
+        check_produced(cpu, x, y, out[24:].detach().cpu(), 0.2, 0.5, mask=graphed.mask.cpu())
     assert len(graphed._graphs) == 1
