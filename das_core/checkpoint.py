@@ -22,6 +22,7 @@ import torch
 from das_core import code_version
 from das_core.config import ConfigError, TrainConfig
 from das_core.io import atomic_write
+from das_core.messages import clip
 from das_core.models.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
@@ -75,10 +76,19 @@ class Checkpoint:
         from das_core.models import build_model
 
         model = build_model(self.config, pretrained=False)
+        state = self.state("model")
+        bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise CheckpointError(
+                f"{self.path}: its weights hold NaN or infinite values (in {clip('model.' + bad, 80)}): the training diverged "
+                "or the file was damaged; use an earlier checkpoint or retrain with a lower --lr"
+            )
         try:
-            model.load_state_dict(self.state("model"))
+            model.load_state_dict(state)
         except RuntimeError as exc:
-            raise CheckpointError(f"{self.path}: the weights do not fit the {self.config.backbone} model: {exc}") from exc
+            raise CheckpointError(
+                f"{self.path}: the weights do not fit the {self.config.backbone} model: {clip(str(exc), 300)}"
+            ) from exc
         model.preprocessing = self.preprocessing
         return model.to(device).eval()
 
@@ -95,7 +105,7 @@ class Checkpoint:
         try:
             das.load_state_dict(state)
         except RuntimeError as exc:
-            raise CheckpointError(f"{self.path}: its DAS state does not fit: {exc}") from exc
+            raise CheckpointError(f"{self.path}: its DAS state does not fit: {clip(str(exc), 300)}") from exc
         return das
 
     def summary(self) -> dict[str, Any]:
@@ -167,49 +177,82 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     """A file as is; a run folder gives its ``best.safetensors`` (selected on validation) or
     else its ``last.safetensors``."""
     p = Path(path).expanduser()
-    if p.is_dir():
-        for name in RUN_FILES:
-            if (p / name).is_file():
-                return p / name
-        raise CheckpointError(f"{p} is a folder without a checkpoint: expected {' or '.join(RUN_FILES)} in it")
-    if not p.exists():
-        raise CheckpointError(f"{p} does not exist")
+    try:
+        if p.is_dir():
+            for name in RUN_FILES:
+                if (p / name).is_file():
+                    return p / name
+            raise CheckpointError(f"{p} is a folder without a checkpoint: expected {' or '.join(RUN_FILES)} in it")
+        if not p.exists():
+            raise CheckpointError(f"{p} does not exist")
+        if not p.is_file():  # a FIFO or a device would block or never end
+            raise CheckpointError(f"{p} is not a regular file (a pipe, socket or device?)")
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise CheckpointError(f"{_short_path(p)}: cannot open it: {exc.strerror or exc}") from exc
     return p
 
 
+def _short_path(p: Path) -> str:
+    text = str(p)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text):,} characters)"
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, after checking the file is whole."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: {size} bytes is too short to be a checkpoint (truncated or empty)")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or n < 2:
-            raise CheckpointError(f"{path}: not a safetensors file (its first 8 bytes are not a header length)")
-        if 8 + n > size:
-            raise CheckpointError(f"{path}: truncated: the header says {n} bytes but the file ends before")
-        raw = fh.read(n)
+    """The JSON header of a safetensors file, after checking the file is whole and every
+    header entry well formed (``CheckpointError`` otherwise)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: {size} bytes is too short to be a checkpoint (truncated or empty)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or n < 2:
+                raise CheckpointError(f"{path}: not a safetensors file (its first 8 bytes are not a header length)")
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: truncated: the header says {n} bytes but the file ends before")
+            raw = fh.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
     end = 0
     for key, info in header.items():
         if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CheckpointError(f"{path}: malformed safetensors header: its metadata must map names to strings")
             continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise CheckpointError(f"{path}: malformed safetensors header entry {key!r}") from exc
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and isinstance(shape, list)
+            and all(_is_count(d) for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(
+                f"{path}: malformed safetensors header entry {clip(key, 80)}: {clip(info)} "
+                "(expected dtype, shape and data_offsets [begin, end] as whole numbers)"
+            )
+        end = max(end, offsets[1])
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: truncated: its tensors need {8 + n + end} bytes but the file has {size} "
             "(an interrupted copy or download?)"
         )
     return header
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -227,7 +270,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             f"{p}: a safetensors file, but not a DAS Explorer checkpoint (no '{FORMAT}' format tag in its "
             f"metadata; {len(names)} tensors: {shown or 'none'}). Train one with `python -m das_core train`."
         )
-    version = _int_meta(p, meta, "format_version")
+    version = _int_meta(p, meta, "format_version", high=10**6)
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{p}: written by DAS Explorer {meta.get('code_version', '?')} in checkpoint format {version}; "
@@ -238,42 +281,102 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
     try:
         tensors = load_file(str(p), device=str(map_location))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{p}: cannot read its tensors: {exc}") from exc
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{p}: cannot read its tensors: {clip(str(exc), 300)}") from exc
     meta, tensors = migrate(p, version, dict(meta), tensors)
     return _from_parts(p, meta, tensors)
 
 
-def _int_meta(p: Path, meta: Mapping[str, str], key: str) -> int:
+MAX_EPOCH = 10**7
+MAX_CLASSES = 10**7
+MAX_CLASS_NAME = 1000
+
+
+def _int_meta(p: Path, meta: Mapping[str, str], key: str, *, high: int, default: str | None = None) -> int:
+    """A whole number in ``0..high`` stored as text in the metadata."""
+    text = meta.get(key, default)
+    if not isinstance(text, str) or not text.strip().isdigit() or len(text) > 20 or int(text) > high:
+        raise CheckpointError(
+            f"{p}: checkpoint metadata {key!r} must be a whole number from 0 to {high:,}, not {clip(text)}"
+        )
+    return int(text)
+
+
+def _json_meta(p: Path, meta: Mapping[str, str], key: str, kind: type, default: str | None = None) -> Any:
+    """A JSON value of type ``kind`` stored as text in the metadata."""
+    text = meta.get(key, default)
+    if text is None:
+        raise CheckpointError(f"{p}: checkpoint metadata lacks {key!r}")
     try:
-        return int(meta[key])
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{p}: checkpoint metadata lacks a valid {key!r}") from exc
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, a >4300-digit number
+        raise CheckpointError(f"{p}: checkpoint metadata {key!r} is not valid JSON: {clip(text)}") from exc
+    if not isinstance(value, kind):
+        raise CheckpointError(
+            f"{p}: checkpoint metadata {key!r} must be a JSON {'object' if kind is dict else 'list'}, not {clip(value)}"
+        )
+    return value
+
+
+def _str_meta(p: Path, meta: Mapping[str, str], key: str, default: str, limit: int = 200) -> str:
+    value = meta.get(key, default)
+    if len(value) > limit:
+        raise CheckpointError(f"{p}: checkpoint metadata {key!r} is {len(value):,} characters (at most {limit})")
+    return value
+
+
+def _is_number(v: object) -> bool:
+    return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def parse_metadata(p: Path, meta: Mapping[str, str]) -> dict[str, Any]:
+    """The one validation of a checkpoint's metadata (types, ranges, sizes), shared by every
+    reader: the typed values, or a ``CheckpointError`` naming the field, whose message never
+    holds more than a cut piece of a bad value."""
+    config_map = _json_meta(p, meta, "config", dict)
+    try:
+        config = TrainConfig.from_mapping(config_map)
+    except ConfigError as exc:
+        raise CheckpointError(f"{p}: the config in its metadata is invalid: {exc}") from exc
+    class_names = _json_meta(p, meta, "class_names", list)
+    if len(class_names) > MAX_CLASSES or not all(
+        isinstance(c, str) and len(c) <= MAX_CLASS_NAME for c in class_names
+    ):
+        bad = next((c for c in class_names if not isinstance(c, str) or len(c) > MAX_CLASS_NAME), None)
+        raise CheckpointError(
+            f"{p}: checkpoint metadata 'class_names' must be a list of names (text up to {MAX_CLASS_NAME} "
+            f"characters); it holds {clip(bad)}"
+        )
+    prep_map = _json_meta(p, meta, "preprocessing", dict)
+    try:
+        prep = Preprocessing.from_json(json.dumps(prep_map))
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+        raise CheckpointError(f"{p}: checkpoint metadata 'preprocessing' is invalid: {clip(str(exc), 200)}") from exc
+    metrics = _json_meta(p, meta, "metrics", dict, default="{}")
+    for name, value in metrics.items():
+        ok = _is_number(value) or (isinstance(value, dict) and all(_is_number(v) for v in value.values()))
+        if not ok:
+            raise CheckpointError(
+                f"{p}: checkpoint metadata 'metrics' entry {clip(name, 60)} must be a number or a mapping of "
+                f"metric: number, not {clip(value)}"
+            )
+    return {
+        "config": config,
+        "class_names": class_names,
+        "preprocessing": prep,
+        "metrics": metrics,
+        "dataset": _str_meta(p, meta, "dataset", config.dataset),
+        "epoch": _int_meta(p, meta, "epoch", high=MAX_EPOCH, default="0"),
+        "code_version": _str_meta(p, meta, "code_version", "?"),
+        "format_version": _int_meta(p, meta, "format_version", high=10**6),
+    }
 
 
 def _from_parts(p: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Checkpoint:
-    try:
-        config = TrainConfig.from_mapping(json.loads(meta["config"]))
-        class_names = list(json.loads(meta["class_names"]))
-        prep = Preprocessing.from_json(meta["preprocessing"])
-        metrics = json.loads(meta.get("metrics", "{}"))
-    except (KeyError, json.JSONDecodeError, ConfigError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{p}: its metadata is incomplete or invalid ({exc})") from exc
+    parsed = parse_metadata(p, meta)
     if not any(k.startswith("model.") for k in tensors):
         raise CheckpointError(f"{p}: holds no model weights")
-    return Checkpoint(
-        path=p,
-        config=config,
-        class_names=class_names,
-        dataset=meta.get("dataset", config.dataset),
-        preprocessing=prep,
-        metrics=metrics,
-        epoch=int(meta.get("epoch", "0")),
-        code_version=meta.get("code_version", "?"),
-        format_version=int(meta["format_version"]),
-        tensors=tensors,
-        meta=meta,
-    )
+    return Checkpoint(path=p, tensors=tensors, meta=meta, **parsed)
 
 
 # -- format versions --------------------------------------------------------------------------
@@ -316,11 +419,14 @@ def _load_legacy(p: Path) -> Checkpoint:
             "only reads plain tensors from .pt/.pth files and never executes code from checkpoints; convert "
             "the model to .safetensors in a trusted environment"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{p}: not a readable PyTorch file (truncated or corrupt?): {exc}") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        # torch.load parses an untrusted zip and pickle stream: each of these means "corrupt".
+        raise CheckpointError(
+            f"{p}: not a readable PyTorch file (truncated or corrupt?): {clip(str(exc), 200)}"
+        ) from exc
     if not isinstance(obj, dict) or obj.get("format") != "das-explorer":
         kind = type(obj).__name__
-        keys = ", ".join(list(map(str, obj))[:5]) if isinstance(obj, dict) else ""
+        keys = ", ".join(clip(k, 40) for k in list(obj)[:5]) if isinstance(obj, dict) else ""
         raise CheckpointError(
             f"{p}: a PyTorch file, but not a DAS Explorer checkpoint (a {kind}{' with keys ' + keys if keys else ''}). "
             "Train one with `python -m das_core train`."
@@ -331,23 +437,29 @@ def _load_legacy(p: Path) -> Checkpoint:
 
 
 def _legacy_to_v0_parts(p: Path, obj: dict[str, Any]) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    # Only the layout is read here; the values are checked by parse_metadata like any file's.
     try:
+        config = obj["config"]
+        dataset = obj.get("dataset", config.get("dataset", "?") if isinstance(config, dict) else "?")
         meta = {
             "format": FORMAT,
             "format_version": "0",
-            "code_version": str(obj.get("code_version", "0.0 (legacy .pt)")),
-            "config": json.dumps(obj["config"]),
-            "class_names": json.dumps(list(obj["class_names"])),
-            "dataset": str(obj.get("dataset", obj["config"].get("dataset", "?"))),
+            "code_version": str(obj.get("code_version", "0.0 (legacy .pt)"))[:200],
+            "config": json.dumps(config),
+            "class_names": json.dumps(obj["class_names"]),
+            "dataset": dataset if isinstance(dataset, str) else "?",
             "preprocessing": json.dumps(obj["preprocessing"]),
             "metrics": json.dumps(obj.get("metrics", {})),
-            "epoch": str(int(obj.get("epoch", 0))),
+            "epoch": str(obj.get("epoch", 0))[:40],
         }
-        tensors = {f"model.{k}": v for k, v in obj["model"].items()}
-        for k, v in (obj.get("das") or {}).items():
+        model, das = obj["model"], obj.get("das") or {}
+        if not isinstance(model, dict) or not isinstance(das, dict):
+            raise TypeError("model and das must be mappings of name: tensor")
+        tensors = {f"model.{k}": v for k, v in model.items()}
+        for k, v in das.items():
             tensors[f"das.{k}"] = v
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{p}: legacy DAS Explorer file with missing fields ({exc})") from exc
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{p}: legacy DAS Explorer file with missing or invalid fields ({clip(str(exc), 200)})") from exc
     if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise CheckpointError(f"{p}: legacy file holds non-tensor weights")
     return meta, tensors

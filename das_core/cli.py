@@ -304,6 +304,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
+    try:
+        return _run(args)
+    except Exception as exc:  # the last resort: one line here, the traceback in a log file
+        from das_core.crashlog import last_resort_message
+
+        print(f"error: {last_resort_message(exc, f'python -m das_core {args.command}')}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "jobs":  # before das_core.errors: the long-lived queue worker never loads torch
         from das_core.jobs import cmd_jobs
 

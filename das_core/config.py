@@ -52,7 +52,10 @@ class ConfigError(ValueError):
         self.field = name
         self.value = value
         self.allowed = allowed
-        super().__init__(f"invalid config value {name}={value!r}: {allowed}")
+        from das_core.messages import clip
+
+        shown = name if len(name) <= 60 else f"{name[:60]}... ({len(name):,} characters)"
+        super().__init__(f"invalid config value {shown}={clip(value)}: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -324,6 +327,8 @@ class TrainConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, base: TrainConfig | None = None) -> TrainConfig:
         """Build a validated config from a (flat or grouped) mapping; unknown keys are refused."""
+        if not isinstance(values, Mapping):
+            raise ConfigError("config", values, "must be a mapping of option: value")
         flat = flatten_groups(values)
         known = set(cls.field_names())
         unknown = sorted(k for k in flat if k not in known)
@@ -412,6 +417,8 @@ class TrainConfig:
                 f"needs a pair or triplet loss with a tuple miner (or --miner none); {self.loss} with "
                 f"miner {self.miner} forms no tuples to filter",
             )
+        for name in ("out", "data_root"):
+            check_path(name, getattr(self, name))
         if self.backbone == "small-cnn" and self.image_size is not None and self.image_size < 16:
             raise ConfigError("image_size", self.image_size, "the small CNN needs at least 16 pixels")
 
@@ -495,7 +502,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if target is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(name, value, "must be a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(name, value, "is too large to be a number here") from None
         if not math.isfinite(value):
             raise ConfigError(name, value, "must be a finite number")
         return value
@@ -532,6 +542,96 @@ def _check_rule(name: str, value: Any, rule: Rule) -> None:
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+_NAME_MAX = 255  # bytes per path component on Linux/macOS file systems
+
+
+def check_path(name: str, value: str | None) -> None:
+    """A path option the file system can hold: no NUL byte, no component over 255 bytes."""
+    if value is None:
+        return
+    if "\0" in value:
+        raise ConfigError(name, value, "a path cannot hold a NUL character")
+    for part in Path(value).parts:
+        if len(part.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+            raise ConfigError(
+                name, value, f"one folder name in it is {len(part):,} characters long; file systems allow {_NAME_MAX} bytes"
+            )
+
+
+# YAML config files: PyYAML's safe loader runs no code, but it shares aliased nodes, so a few
+# hundred bytes of nested aliases (a "billion laughs") expand to millions of values once
+# anything walks them, and it turns any digit string into an int (5,000 digits: a ValueError
+# from Python's int limit). Config files are small and flat: cap both.
+MAX_CONFIG_NODES = 10_000
+MAX_NUMBER_DIGITS = 50
+
+
+def _yaml_loader() -> type:
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+            digits = sum(ch.isdigit() for ch in str(node.value))
+            if digits > MAX_NUMBER_DIGITS:
+                raise _limit(
+                    yaml.constructor.ConstructorError(
+                        None, None, f"a number of {digits:,} digits (at most {MAX_NUMBER_DIGITS})", node.start_mark
+                    )
+                )
+            return int(super().construct_yaml_int(node))
+
+        def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+            if len(str(node.value)) > 4 * MAX_NUMBER_DIGITS:
+                raise _limit(
+                    yaml.constructor.ConstructorError(
+                        None, None, f"a number of {len(str(node.value)):,} characters", node.start_mark
+                    )
+                )
+            return float(super().construct_yaml_float(node))
+
+        def construct_document(self, node: yaml.Node) -> Any:
+            _check_expanded_size(node)
+            return super().construct_document(node)
+
+    ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_yaml_int)
+    ConfigLoader.add_constructor("tag:yaml.org,2002:float", ConfigLoader.construct_yaml_float)
+    return ConfigLoader
+
+
+def _limit(exc: Exception) -> Exception:
+    exc.das_limit = True  # type: ignore[attr-defined]
+    return exc
+
+
+def _check_expanded_size(root: Any) -> None:
+    """Refuse a document whose values, with every alias expanded, exceed ``MAX_CONFIG_NODES``
+    (counted once per node with memoisation, so the check itself stays cheap)."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+
+    def size(node: Any, depth: int) -> int:
+        if depth > 100:
+            raise _limit(yaml.YAMLError("values nested more than 100 levels deep"))
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = MAX_CONFIG_NODES + 1  # a cycle (a self-referencing alias) is too big
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        sizes[id(node)] = total
+        if total > MAX_CONFIG_NODES:
+            raise _limit(
+                yaml.YAMLError(
+                    f"with its aliases (*name) expanded it holds over {MAX_CONFIG_NODES:,} values; a config "
+                    "file is a short list of option: value"
+                )
+            )
+        return total
+
+    size(root, 0)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -542,14 +642,33 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError("config", str(p), "the config file does not exist")
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", str(p), f"not valid YAML: {exc}") from exc
+        doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_yaml_loader())  # a SafeLoader subclass
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ConfigError("config", str(p), _yaml_problem(exc)) from exc
+    except OSError as exc:
+        raise ConfigError("config", str(p), f"cannot read it: {exc.strerror or exc}") from exc
     if doc is None:
         return {}
     if not isinstance(doc, Mapping):
         raise ConfigError("config", str(p), "the file must hold a mapping of option: value")
     return flatten_groups(doc)
+
+
+def _yaml_problem(exc: BaseException) -> str:
+    """One bounded line for a YAML (or decoding) error: the problem and where it is."""
+    import yaml
+
+    if isinstance(exc, RecursionError):
+        return "refused: values nested too deep"
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        text = f"{exc.problem}{where}"
+    else:
+        text = str(exc)
+    text = " ".join(text.split())
+    text = ("refused: " if getattr(exc, "das_limit", False) else "not valid YAML: ") + text
+    return text if len(text) <= 300 else f"{text[:300]}... ({len(text):,} characters)"
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> None:

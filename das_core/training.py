@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from das_core.checkpoint import save_checkpoint
-from das_core.config import TrainConfig, dump_config, load_config_file
+from das_core.config import ConfigError, TrainConfig, check_path, dump_config, load_config_file
 from das_core.data import ArrayDataset, DatasetSplits, DMLDataset, MPerClassBatchSampler, load_splits
 from das_core.data.base import uint8_batch
 from das_core.distributed import (
@@ -39,6 +39,7 @@ from das_core.distributed import (
 from das_core.embed import auto_workers, embed_dataset, resolve_device
 from das_core.io import append_jsonl, atomic_write, atomic_write_json, read_jsonl, truncate_jsonl
 from das_core.losses import Criterion, build_criterion
+from das_core.messages import clip
 from das_core.models import EmbeddingNet, build_model
 from das_core.models.preprocessing import Preprocessing
 
@@ -160,22 +161,74 @@ def _save_train_state(
 def _load_train_state(
     path: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
 ) -> dict[str, Any]:
-    from safetensors import safe_open
+    """Restore the optimiser (and AMP scaler) from ``path`` and return its ``info``; a damaged
+    or foreign file is a ``TrainingError`` (nothing in the run folder is changed)."""
+    from safetensors import SafetensorError, safe_open
 
-    state: dict[int, dict[str, Any]] = {}
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata()
-        for key in fh.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = fh.get_tensor(key)
-    for pid, values in json.loads(meta["scalars"]).items():
-        state.setdefault(int(pid), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    scaler_state = json.loads(meta["scaler"])
-    if scaler is not None and scaler_state:
-        scaler.load_state_dict(scaler_state)
-    info: dict[str, Any] = json.loads(meta["info"])
-    return info
+    try:
+        state: dict[int, dict[str, Any]] = {}
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata()
+            for key in fh.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = fh.get_tensor(key)
+        for pid, values in json.loads(meta["scalars"]).items():
+            state.setdefault(int(pid), {}).update(values)
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        scaler_state = json.loads(meta["scaler"])
+        if scaler is not None and scaler_state:
+            scaler.load_state_dict(scaler_state)
+        info = json.loads(meta["info"])
+        epoch, best, selected = info["epoch"], info.get("best_value", -math.inf), info.get("selected_epoch")
+        if not (
+            _is_epoch(epoch)
+            and isinstance(best, int | float)
+            and not isinstance(best, bool)
+            and (selected is None or _is_epoch(selected))
+        ):
+            raise ValueError("its info holds no valid epoch, best_value and selected_epoch")
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError, RecursionError) as exc:
+        raise TrainingError(
+            f"cannot resume: {path} is damaged or not this run's ({type(exc).__name__}: {clip(str(exc), 150)[1:-1]}). "
+            "Nothing was changed; start a new run with another --out (its checkpoints stay usable)"
+        ) from exc
+    return {"epoch": epoch, "best_value": float(best), "selected_epoch": selected}
+
+
+def _is_epoch(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**7
+
+
+def _check_metrics_file(path: Path) -> None:
+    """Every complete line of ``metrics.jsonl`` must name its epoch (a whole number): resume
+    keeps the lines of the epochs it does not recompute and drops the others."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TrainingError(f"cannot resume: cannot read {path}: {exc.strerror or exc}") from exc
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            rec = json.loads(line)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            continue  # a torn line from a killed writer: read_jsonl skips it
+        if isinstance(rec, dict) and not _is_epoch(rec.get("epoch")):
+            raise TrainingError(
+                f"cannot resume: line {number} of {path} has epoch {clip(rec.get('epoch'))}, not a whole number. "
+                "Nothing was changed; fix or delete that line, then resume"
+            )
+
+
+# Files training writes with das_core.io.atomic_write: a kill leaves ``.<name>.<random>.tmp``.
+_WRITTEN = ("last.safetensors", "best.safetensors", TRAIN_STATE, METRICS, PROGRESS, SUMMARY, CONFIG)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for name in _WRITTEN:
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted write", tmp.name)
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -200,10 +253,14 @@ def evaluate_split(
 
 def resolve_resume_config(out: Path, overrides: dict[str, Any]) -> TrainConfig:
     """The saved config of the run in ``out`` with ``overrides`` (e.g. more epochs) applied."""
+    check_path("out", str(out))
     saved = out / CONFIG
     if not saved.is_file():
         raise TrainingError(f"nothing to resume in {out}: it has no {CONFIG} (start a new run without --resume)")
-    base = TrainConfig.from_mapping(load_config_file(saved))
+    try:
+        base = TrainConfig.from_mapping(load_config_file(saved))
+    except ConfigError as exc:
+        raise TrainingError(f"cannot resume: the run's {saved} is not a valid config: {exc}") from exc
     return base.replace(**overrides, out=str(out)) if overrides else base.replace(out=str(out))
 
 
@@ -289,20 +346,38 @@ def train(
     start_epoch = 1
     best_value = -math.inf
     selected_epoch: int | None = None
+    if resume:
+        _check_metrics_file(out / METRICS)
     if resume and state_file.is_file():
         from das_core.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(out / "last.safetensors")
-        model.load_state_dict(ckpt.state("model"))
-        criterion.load_state_dict(ckpt.state("criterion"))
+        try:
+            model.load_state_dict(ckpt.state("model"))
+            criterion.load_state_dict(ckpt.state("criterion"))
+        except RuntimeError as exc:
+            raise TrainingError(
+                f"cannot resume: the checkpoint in {out} does not fit the model of this config (an option that "
+                f"shapes the model, such as --embedding-dim or --backbone, was changed, or {CONFIG} was edited): "
+                f"{clip(str(exc), 200)[1:-1]}. Nothing was changed; resume with the run's own options"
+            ) from exc
         info = _load_train_state(state_file, optimizer, scaler)
-        start_epoch = int(info["epoch"]) + 1
-        best_value = float(info.get("best_value", -math.inf))
-        selected_epoch = info.get("selected_epoch")
-        if main:
-            truncate_jsonl(out / METRICS, lambda r: int(r.get("epoch", 0)) < start_epoch)
+        if info["epoch"] != ckpt.epoch:
+            raise TrainingError(
+                f"cannot resume: {TRAIN_STATE} is from epoch {info['epoch']} but last.safetensors from epoch "
+                f"{ckpt.epoch} (the run was killed while saving). Nothing was changed; start a new run"
+            )
+        start_epoch = info["epoch"] + 1
+        best_value = info["best_value"]
+        selected_epoch = info["selected_epoch"]
         log.info("resuming %s after epoch %d", out, start_epoch - 1)
-    elif not resume and main:
+    if resume and main:
+        # Lines of epochs that will be recomputed go, also when no epoch had finished saving
+        # (a kill after the first metrics line, before train_state.safetensors existed).
+        truncate_jsonl(out / METRICS, lambda r: _is_epoch(r.get("epoch")) and r["epoch"] < start_epoch)
+    if main:
+        _remove_stale_temporaries(out)
+    if not resume and main:
         (out / METRICS).unlink(missing_ok=True)
     if main:
         dump_config(cfg, out / CONFIG)

@@ -34,6 +34,14 @@ class Preprocessing:
     background: int = 0
 
     def __post_init__(self) -> None:
+        if self.mode not in ("L", "RGB"):
+            raise ValueError(f"preprocessing: mode must be L or RGB, not {str(self.mode)[:20]!r}")
+        if self.augment not in ("none", "pad-crop-flip", "rrc-flip"):
+            raise ValueError(f"preprocessing: unknown augment {str(self.augment)[:40]!r}")
+        if not (1 <= self.crop <= 4096 and 1 <= self.resize <= 4096 and 0 <= self.background <= 255):
+            raise ValueError("preprocessing: resize and crop must be 1-4096 pixels, background 0-255")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or min(self.std, default=1.0) <= 0:
+            raise ValueError("preprocessing: mean and std must be finite, std > 0")
         channels = 1 if self.mode == "L" else 3
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"preprocessing: mean/std need {channels} values for mode {self.mode}")
