@@ -14,4 +14,9 @@ PAGES = [
     st.Page("app/pages/compare.py", title="Compare", icon="📊"),
 ]
 
-st.navigation(PAGES).run()
+try:
+    st.navigation(PAGES).run()
+except Exception as exc:  # the last resort: one short message, the traceback in a log file
+    from das_core.crashlog import last_resort_message
+
+    st.error(last_resort_message(exc, "this page"))

@@ -105,8 +105,13 @@ def _splits(dataset: str, data_root: str | None, train_classes: int | None, val_
 
 def splits(ckpt: Checkpoint) -> DatasetSplits:
     """The dataset splits the checkpoint was trained on (for emoji-styles, only when it is
-    rendered already: a message saying how to get it, rather than minutes of rendering)."""
+    rendered already: a message saying how to get it, rather than minutes of rendering; an
+    uploaded checkpoint only within the allowed data roots: ``DataPolicyError`` otherwise)."""
+    from das_core.datapolicy import check_data_access
+    from das_core.uploads import within
+
     c = ckpt.config
+    check_data_access(c, uploaded=within(upload_dir(), ckpt.path))
     if c.dataset == "emoji-styles":
         from das_core.data.emoji_styles import require_rendered
 

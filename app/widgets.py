@@ -37,8 +37,10 @@ def guard(what: str) -> Iterator[None]:
         elif isinstance(exc, FileNotFoundError | PermissionError):
             st.error(f"**{what}**: {exc.strerror or exc}: {exc.filename}. Was it moved or deleted?")
         else:
+            from das_core.crashlog import last_resort_message
+
             log.exception("%s failed", what)
-            st.error(f"**{what}** failed: {type(exc).__name__}: {exc}")
+            st.error(f"**{what}**: {last_resort_message(exc, what)}")
         st.stop()
 
 
@@ -55,6 +57,11 @@ def _upload_box() -> None:
         path = store_checkpoint_upload(state.upload_dir(), up.name, up.getvalue())
     except CheckpointError as exc:
         st.error(f"Upload refused: {exc}")
+        return
+    except Exception as exc:  # the last resort: a bug, not the file's fault; the staging file is gone
+        from das_core.crashlog import last_resort_message
+
+        st.error(f"Upload refused: {last_resort_message(exc, 'storing an upload')}")
         return
     st.session_state["ckpt_path"] = str(path)
     st.success(f"Uploaded {up.name}")

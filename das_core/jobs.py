@@ -50,6 +50,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -66,6 +67,7 @@ from typing import Any
 
 from das_core.config import ConfigError, TrainConfig, dump_config
 from das_core.io import atomic_write_json, file_lock, read_json_object
+from das_core.messages import clip
 from das_core.runs import REPO_ROOT, default_runs_root
 
 log = logging.getLogger("das_core.jobs")
@@ -85,6 +87,7 @@ DEFAULT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL when cancelling
 DEFAULT_POLL = 0.5  # seconds between the worker's looks at its training process
 ERROR_TAIL_LINES = 20
 DIED = "the training process died"
+MAX_JOB_FILE = 4 * 1024 * 1024
 
 
 class JobError(ValueError):
@@ -127,13 +130,59 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], run_dir: Path) -> Job:
+        """A job from its ``job.json`` content, validated field by field (``JobError`` naming
+        the file and the field otherwise). Its id is its folder's name: a copied run folder is
+        another job, whatever id the copied file holds."""
+        where = run_dir / JOB_FILE
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in d.items() if k in names}
+        for key, check, what in _JOB_FIELDS:
+            if key in values and not check(values[key]):
+                raise JobError(f"{where}: {key!r} must be {what}, not {clip(values[key])}")
+        for key in ("device", "state", "created"):
+            if key not in values:
+                raise JobError(f"{where}: it has no {key!r}")
         values["run_dir"] = run_dir  # the folder it was read from wins (folders can be moved)
-        values.setdefault("id", run_dir.name)
-        if values.get("state") not in STATES:
-            raise JobError(f"{run_dir / JOB_FILE}: unknown state {values.get('state')!r}")
+        values["id"] = run_dir.name
         return cls(**values)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _optional(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+def _small_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31
+
+
+_JOB_FIELDS: tuple[tuple[str, Any, str], ...] = (
+    ("state", lambda v: v in STATES, "one of " + ", ".join(STATES)),
+    ("device", lambda v: v in DEVICES, "one of " + ", ".join(DEVICES)),
+    ("created", _number, "a time (seconds since 1970)"),
+    ("started", _optional(_number), "a time (seconds since 1970) or null"),
+    ("finished", _optional(_number), "a time (seconds since 1970) or null"),
+    ("pid", _optional(lambda v: _small_int(v) and v > 0), "a process id or null"),
+    ("returncode", _optional(_small_int), "an exit code or null"),
+    ("error", _optional(lambda v: isinstance(v, str) and len(v) <= 1_000_000), "text or null"),
+    ("config", lambda v: isinstance(v, dict), "a mapping"),
+    ("name", lambda v: isinstance(v, str) and len(v) <= 1000, "text (up to 1000 characters)"),
+)
+
+
+@dataclass(frozen=True)
+class DamagedJob:
+    """A run folder whose ``job.json`` cannot be read as a job: shown with its problem."""
+
+    run_dir: Path
+    problem: str
+
+    @property
+    def id(self) -> str:
+        return self.run_dir.name
 
 
 # -- paths and small helpers ----------------------------------------------------------------------
@@ -168,14 +217,33 @@ def _job_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
 
 
 def read_job(run_dir: Path) -> Job | None:
-    """The job in ``run_dir``, or ``None`` if it holds no (readable) ``job.json``."""
-    data = read_json_object(run_dir / JOB_FILE)
-    if data is None:
+    """The job in ``run_dir``, or ``None`` if it holds no valid ``job.json``."""
+    found = read_job_or_problem(run_dir)
+    return found if isinstance(found, Job) else None
+
+
+def read_job_or_problem(run_dir: Path) -> Job | DamagedJob | None:
+    """The job in ``run_dir``; a ``DamagedJob`` saying what is wrong with its ``job.json``;
+    ``None`` when there is no ``job.json`` (a plain run folder)."""
+    path = run_dir / JOB_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        return DamagedJob(run_dir, f"{path}: cannot read it: {exc.strerror or exc}")
+    if len(raw) > MAX_JOB_FILE:
+        return DamagedJob(run_dir, f"{path}: {len(raw):,} bytes, more than a job file holds ({MAX_JOB_FILE:,})")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return DamagedJob(run_dir, f"{path}: not valid JSON")
+    if not isinstance(data, dict):
+        return DamagedJob(run_dir, f"{path}: not a JSON object but {clip(data)}")
     try:
         return Job.from_dict(data, run_dir)
-    except (JobError, TypeError):
-        return None
+    except JobError as exc:
+        return DamagedJob(run_dir, str(exc))
 
 
 def _write_job(job: Job) -> None:
@@ -409,35 +477,59 @@ def _job_dirs(root: Path) -> Iterator[Path]:
             yield d
 
 
-def list_jobs(runs_root: str | Path | None = None) -> list[Job]:
-    """Every job under the runs root, newest first. Reconciles as it reads: a running job whose
-    training process is gone is recorded as failed (or done, if training had finished), and a
-    device with queued jobs but no live worker gets one."""
+def scan_jobs(runs_root: str | Path | None = None) -> tuple[list[Job], list[DamagedJob]]:
+    """Every job under the runs root, newest first, and the run folders whose ``job.json`` is
+    damaged (each with its problem; one bad file never hides the others). Reconciles as it
+    reads: a running job whose training process is gone is recorded as failed (or done, if
+    training had finished), and a device with queued jobs but no live worker gets one."""
     root = _root(runs_root)
-    jobs = [j for j in (read_job(d) for d in _job_dirs(root)) if j is not None]
+    found = [read_job_or_problem(d) for d in _job_dirs(root)]
+    jobs = [j for j in found if isinstance(j, Job)]
+    damaged = sorted((j for j in found if isinstance(j, DamagedJob)), key=lambda j: j.id)
     alive = {dev: worker_pid(root, dev) is not None for dev in {j.device for j in jobs}}
     jobs = [_reconcile(j, alive[j.device]) if j.state == "running" else j for j in jobs]
     for dev in sorted({j.device for j in jobs if j.state == "queued"}):
         if not alive.get(dev):
             ensure_worker(dev, root)
     jobs.sort(key=lambda j: (j.created, j.id), reverse=True)
-    return jobs
+    return jobs, damaged
+
+
+def list_jobs(runs_root: str | Path | None = None) -> list[Job]:
+    """Every readable job under the runs root, newest first (see ``scan_jobs``)."""
+    return scan_jobs(runs_root)[0]
 
 
 def get_job(ref: str | Path, runs_root: str | Path | None = None) -> Job:
-    """The job named by its id (run folder name) or its run folder."""
+    """The job named by its id (run folder name) or its run folder (under the runs root)."""
     run_dir = _resolve_ref(ref, runs_root)
-    job = read_job(run_dir)
-    if job is None:
-        raise JobError(f"no job {str(ref)!r} in {run_dir.parent} (no readable {JOB_FILE} in {run_dir})")
-    return job
+    found = read_job_or_problem(run_dir)
+    if isinstance(found, DamagedJob):
+        raise JobError(found.problem)
+    if found is None:
+        raise JobError(f"no job {clip(str(ref))} in {run_dir.parent} (no {JOB_FILE} in {run_dir})")
+    return found
 
 
 def _resolve_ref(ref: str | Path, runs_root: str | Path | None) -> Path:
-    p = Path(ref).expanduser()
-    if (p / JOB_FILE).is_file():
-        return p.resolve()
-    return _root(runs_root) / str(ref)
+    """A job id or a run folder, which must be a folder directly in the runs root: a reference
+    never reaches outside it (``../other/<id>``, a symlink out)."""
+    root = _root(runs_root)
+    text = str(ref)
+    if "\0" in text or len(text) > 4096:
+        raise JobError(f"{clip(text)} is not a job id")
+    p = Path(text).expanduser()
+    candidate = p if (len(p.parts) > 1 or p.is_absolute()) else root / text
+    try:
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise JobError(f"{clip(text)} is not a job id: {exc}") from exc
+    if resolved.parent != root or text in (".", ".."):
+        raise JobError(
+            f"{clip(text)} is not a job of the runs root {root}: give a job id (its folder's name, "
+            "see `python -m das_core jobs list`) or a run folder directly inside the runs root"
+        )
+    return resolved
 
 
 def read_progress(job: Job) -> dict[str, Any]:
@@ -732,20 +824,25 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if args.jobs_command == "cancel":
             print(cancel(args.job, args.runs_root))
             return 0
-        _print_jobs(list_jobs(args.runs_root), as_json=args.json)
+        _print_jobs(*scan_jobs(args.runs_root), as_json=args.json)
         return 0
     except (JobError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _print_jobs(jobs: list[Job], *, as_json: bool) -> None:
+def _print_jobs(jobs: list[Job], damaged: list[DamagedJob], *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps([j.to_dict() for j in jobs], indent=2, default=str))
+        rows = [j.to_dict() for j in jobs]
+        rows += [{"id": d.id, "run_dir": str(d.run_dir), "state": "damaged", "error": d.problem} for d in damaged]
+        print(json.dumps(rows, indent=2, default=str))
         return
     for j in jobs:
         progress = read_progress(j) if j.state == "running" else {}
-        where = f" epoch {progress.get('epoch')}/{progress.get('epochs')}" if progress.get("epoch") else ""
+        epoch, epochs = progress.get("epoch"), progress.get("epochs")
+        where = f" epoch {epoch}/{epochs}" if isinstance(epoch, int) and isinstance(epochs, int) else ""
         print(f"{j.id:<48} {j.state:<9} {j.device:<4}{where}  {j.name}")
         if j.error:
             print("    " + j.error.splitlines()[0])
+    for d in damaged:
+        print(f"{d.id:<48} damaged   {d.problem}")

@@ -16,7 +16,6 @@ pages only read widgets and draw.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import time
@@ -375,17 +374,17 @@ def format_seconds(s: float) -> str:
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """A checkpoint's config, metrics and epoch from its metadata alone (no tensors read);
     ``CheckpointError`` for a file that is not one of ours."""
-    from das_core.checkpoint import CheckpointError, read_safetensors_header
+    from das_core.checkpoint import parse_metadata, read_safetensors_header
 
     p = Path(path)
     meta = read_safetensors_header(p).get("__metadata__") or {}
-    try:
-        config = json.loads(meta["config"])
-        metrics = json.loads(meta.get("metrics", "{}"))
-        epoch = int(meta.get("epoch", "0"))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{p}: its metadata is incomplete ({exc})") from exc
-    return {"config": config, "metrics": metrics, "epoch": epoch, "dataset": meta.get("dataset", config.get("dataset"))}
+    parsed = parse_metadata(p, meta)  # the one validation every reader of a checkpoint shares
+    return {
+        "config": parsed["config"].to_dict(),
+        "metrics": parsed["metrics"],
+        "epoch": parsed["epoch"],
+        "dataset": parsed["dataset"],
+    }
 
 
 def _history(source: Path | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -397,23 +396,34 @@ def _history(source: Path | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     return [dict(r) for r in source]
 
 
+def _epoch(record: Mapping[str, Any], default: int = 0) -> int:
+    """A record's epoch; ``default`` when it holds none that is a whole number (a line of a
+    metrics.jsonl edited or damaged by hand is shown as nothing, never a traceback)."""
+    e = record.get("epoch")
+    return e if isinstance(e, int) and not isinstance(e, bool) and 0 <= e <= 10**7 else default
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else float("nan")
+
+
 def run_curves(source: Path | Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
     """Per epoch (sorted, one entry per epoch, the last record wins): ``epoch``,
     ``train_loss``, ``test R@1``, ``val R@1`` (NaN where an epoch was not evaluated or has no
     such split). ``source``: a run folder, a ``metrics.jsonl`` file or the records."""
     by_epoch: dict[int, dict[str, Any]] = {}
     for r in _history(source):
-        if isinstance(r.get("epoch"), int | float):
-            by_epoch[int(r["epoch"])] = r
+        if _epoch(r, -1) >= 0:
+            by_epoch[_epoch(r)] = r
     nan = float("nan")
     out: dict[str, list[float]] = {"epoch": [], "train_loss": [], "test R@1": [], "val R@1": []}
     for e in sorted(by_epoch):
         r = by_epoch[e]
         out["epoch"].append(float(e))
-        out["train_loss"].append(float(r.get("train_loss", nan)))
+        out["train_loss"].append(_number(r.get("train_loss")))
         for split in ("test", "val"):
             m = r.get(split)
-            out[f"{split} R@1"].append(float(m["R@1"]) if isinstance(m, dict) and "R@1" in m else nan)
+            out[f"{split} R@1"].append(_number(m.get("R@1")) if isinstance(m, dict) else nan)
     return out
 
 
@@ -478,7 +488,7 @@ def _row(
 ) -> dict[str, Any]:
     last = _last_with(history, "test")
     test = _metrics(last, "test")
-    done = max((int(r.get("epoch", 0)) for r in history), default=0)
+    done = max((_epoch(r) for r in history), default=0)
     row: dict[str, Any] = {
         "name": name,
         "kind": kind,
@@ -492,12 +502,12 @@ def _row(
         "epochs": done,
         "planned": config.get("epochs"),
         "state": state,
-        "test epoch": None if last is None else int(last.get("epoch", 0)),
+        "test epoch": None if last is None else _epoch(last),
     }
     for m in METRICS:
         row[m] = test.get(m)
     sel_test = _metrics(selected, "test") if selected is not None else {}
-    row["selected epoch"] = None if selected is None else int(selected.get("epoch", 0))
+    row["selected epoch"] = None if selected is None else _epoch(selected)
     for m in METRICS:
         row[f"sel. {m}"] = sel_test.get(m)
     row["checkpoint"] = None if checkpoint is None else str(checkpoint)
@@ -513,7 +523,7 @@ def _run_state(run_dir: Path, history: Sequence[Mapping[str, Any]], planned: Any
     progress = read_json_object(run_dir / "progress.json") or {}
     if (run_dir / "summary.json").is_file() or progress.get("state") == "done":
         return "done"
-    done = max((int(r.get("epoch", 0)) for r in history), default=0)
+    done = max((_epoch(r) for r in history), default=0)
     return "done" if isinstance(planned, int) and done >= planned else "partial"
 
 
@@ -584,7 +594,7 @@ def runs_table(runs_root: str | Path | None = None, *, demos: Sequence[str | Pat
         if not hist and info["metrics"]:
             hist = [info["metrics"]]
         cfg = info["config"]
-        demo_sel = next((r for r in hist if int(r.get("epoch", -1)) == info["epoch"]), info["metrics"] or None)
+        demo_sel = next((r for r in hist if _epoch(r, -1) == info["epoch"]), info["metrics"] or None)
         has_val = any(isinstance(r.get("val"), dict) for r in hist)
         rows.append(_row(p.stem, "demo", cfg, hist, demo_sel if has_val else None, state="done", checkpoint=p, path=p,
                          metrics=metrics_file if metrics_file.is_file() else None))

@@ -50,13 +50,15 @@ def store_checkpoint_upload(upload_dir: Path, filename: str, data: bytes) -> Pat
     if not within(upload_dir, target):  # pragma: no cover - safe_name already prevents it
         raise CheckpointError(f"{filename}: refused: the name points outside the upload folder")
     staging = upload_dir / f".incoming-{digest}.safetensors"
-    atomic_write_bytes(staging, data)
     try:
-        load_checkpoint(staging)
-    except CheckpointError as exc:
+        atomic_write_bytes(staging, data)
+        try:
+            load_checkpoint(staging)
+        except CheckpointError as exc:
+            raise CheckpointError(str(exc).replace(str(staging), safe_name(filename))) from exc
+        staging.replace(target)
+    finally:  # whatever happens, no staging file is left behind
         staging.unlink(missing_ok=True)
-        raise CheckpointError(str(exc).replace(str(staging), filename)) from exc
-    staging.replace(target)
     return target
 
 

@@ -154,7 +154,7 @@ def test_cancel_running_and_queued(root: Path) -> None:
     assert jobs.get_job(queued.id, root).state == "queued"
 
     assert jobs.cancel(queued.id, root) == "cancelled"  # queued: at once
-    assert jobs.cancel(running.run_dir) == "running"  # running: the worker kills it
+    assert jobs.cancel(running.run_dir, root) == "running"  # running: the worker kills it
     assert (running.run_dir / "cancel").is_file()
     cancelled = wait_state(root, long_job, ("cancelled", "failed", "done"), timeout=30)
     assert cancelled.state == "cancelled" and cancelled.error is None

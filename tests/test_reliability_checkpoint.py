@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from das_core.checkpoint import CheckpointError, load_checkpoint
-from tests.reliability_helpers import cli_refuses, edited, legacy, small_checkpoint, split_file, write_with_header
+from tests.reliability_helpers import (
+    cli_refuses,
+    edited,
+    legacy,
+    small_checkpoint,
+    split_file,
+    write_with_header,
+)
 
 
 @pytest.fixture(scope="module")

@@ -191,9 +191,12 @@ def show_job(job: jobs.Job, queue_pos: int | None) -> None:
 def jobs_panel() -> None:
     st.subheader("Jobs")
     with widgets.guard("Reading the jobs"):
-        all_jobs = jobs.list_jobs(state.runs_root())
+        all_jobs, damaged = jobs.scan_jobs(state.runs_root())
+    for bad in damaged:  # one bad job.json is shown as such; it never hides the other jobs
+        st.warning(f"**Damaged job** in `{bad.run_dir}`: {bad.problem}")
     if not all_jobs:
-        st.info("No job yet: fill the form and press *Start training*.")
+        if not damaged:
+            st.info("No job yet: fill the form and press *Start training*.")
         return
     counts = {s: sum(j.state == s for j in all_jobs) for s in jobs.STATES}
     st.caption(" · ".join(f"{n} {s}" for s, n in counts.items() if n) + " · refreshed every 2 s")
