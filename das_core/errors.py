@@ -9,6 +9,7 @@ from das_core.config import ConfigError
 from das_core.data.base import DatasetError
 from das_core.embed import DeviceError
 from das_core.images import ImageError
+from das_core.jobs import JobError
 from das_core.models.backbones import ModelError
 from das_core.training import TrainingError
 
@@ -20,4 +21,5 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ModelError,
     DeviceError,
     TrainingError,
+    JobError,
 )
