@@ -75,6 +75,29 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+MANY_TRAIN, MANY_TEST = 520, 10
+MANY_STYLES = ("noto", "twemoji")
+MANY_NAMES = [f"emoji {i:04d}" for i in range(MANY_TRAIN + MANY_TEST)]
+MANY_ZEBRA = MANY_NAMES[412] = "emoji 0412 zebra face"  # a class to look up by name (sorts in place)
+
+
+@pytest.fixture(scope="session")
+def many_class_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch with DAS of a small CNN on 520 training classes x 2 styles of 8-px images, an
+    image folder ``<class>/<style>/img.png`` (seconds on CPU)."""
+    from das_core.cli import main
+    from fixtures import make_styled_folder
+
+    base = tmp_path_factory.mktemp("many-classes")
+    root = make_styled_folder(base / "images", MANY_NAMES, MANY_STYLES)
+    out = base / "run"
+    args = ["train", "--dataset", "folder", "--data-root", str(root), "--train-classes", str(MANY_TRAIN),
+            "--backbone", "small-cnn", "--embedding-dim", "16", "--batch-size", "40", "--samples-per-class", "2",
+            "--epochs", "1", "--das", "--device", "cpu", "--no-progress", "--seed", "0", "--out", str(out)]
+    assert main(args) == 0
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _threads_unchanged() -> object:
     """No test (and no library call it makes) may leave torch's / faiss's shared OpenMP thread

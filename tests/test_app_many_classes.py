@@ -11,29 +11,19 @@ from typing import Any
 import pytest
 
 from app_helpers import app_on, install_run, no_errors, plotly_specs
-from fixtures import make_styled_folder
+from conftest import MANY_NAMES, MANY_STYLES, MANY_TRAIN, MANY_ZEBRA
 
 pytestmark = pytest.mark.slow
 
-N_TRAIN, N_TEST = 520, 10
-STYLES = ("noto", "twemoji")
-NAMES = [f"emoji {i:04d}" for i in range(N_TRAIN + N_TEST)]
-ZEBRA = NAMES[412] = "emoji 0412 zebra face"  # the class the tests look up by name (sorts in place)
+N_TRAIN = MANY_TRAIN
+STYLES = MANY_STYLES
+NAMES = MANY_NAMES
+ZEBRA = MANY_ZEBRA
 
 
 @pytest.fixture(scope="module")
-def many_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One epoch with DAS of a small CNN on 520 classes x 2 styles of 8-px images (seconds)."""
-    from das_core.cli import main
-
-    base = tmp_path_factory.mktemp("many-classes")
-    root = make_styled_folder(base / "images", NAMES, STYLES)
-    out = base / "run"
-    args = ["train", "--dataset", "folder", "--data-root", str(root), "--train-classes", str(N_TRAIN),
-            "--backbone", "small-cnn", "--embedding-dim", "16", "--batch-size", "40", "--samples-per-class", "2",
-            "--epochs", "1", "--das", "--device", "cpu", "--no-progress", "--seed", "0", "--out", str(out)]
-    assert main(args) == 0
-    run = install_run(out, Path(os.environ["DAS_RUNS_DIR"]), name="many-classes")
+def many_ckpt(many_class_run: Path) -> Path:
+    run = install_run(many_class_run, Path(os.environ["DAS_RUNS_DIR"]), name="many-classes")
     return run / "last.safetensors"
 
 

@@ -141,7 +141,7 @@ ISOLATED_POINT = """([key, wantReal]) => {
     const real = !String(t.name).startsWith('produced');
     for (let i = 0; i < t.x.length; i++) {
       const px = box.left + xa._offset + xa.l2p(+t.x[i]), py = box.top + ya._offset + ya.l2p(+t.y[i]);
-      pts.push({px, py, real, id: +t.customdata[i][0], trace: t.name});
+      pts.push({px, py, real, id: +t.customdata[i][0], trace: t.name, text: t.text ? String(t.text[i]) : null});
     }
   });
   // A point the mouse can reach: inside the plot area, inside the window, and with the plot's
@@ -300,6 +300,28 @@ def test_explore_box_selection_shows_the_images(page: Any, server: AppServer) ->
     images = page.locator('[data-testid="stImage"]')
     assert images.count() == min(n_sel, 60)
 
+
+
+def test_many_classes_hover_names_the_class_and_the_legend_stays_short(
+        page: Any, server: AppServer, app_root: Path, many_class_run: Path) -> None:
+    """520 classes: one trace of every point, the class in each point's tooltip, and a legend of
+    the few highlighted classes only."""
+    install_run(many_class_run, app_root / "runs", name="many-classes")
+    open_page(page, server, "", checkpoint="run · many-classes")
+    wait_for_produced(page)
+    names = [t["name"] for t in traces(page, "explore_map") or []]
+    assert "all 520 classes" in names
+    legend = page.locator(".st-key-explore_map .legend .traces")
+    assert 0 < legend.count() <= 2 * 5 + 1, legend.count()  # 5 highlighted classes, their produced points, links
+    pt = page.evaluate(ISOLATED_POINT, ["explore_map", True])
+    assert pt and pt["gap"] > 3, pt
+    # a highlighted point has a twin at distance 0 in the trace of every point, so the most
+    # isolated one is from that trace, whose points carry their class as text
+    assert pt["trace"] == "all 520 classes" and pt["text"], pt
+    text = hover(page, pt).inner_text()
+    assert pt["text"] in text and "all 520" not in text, (text, pt)
+    unhover(page)
+    assert_clean(page)
 
 # -- DAS internals --------------------------------------------------------------------------------
 
