@@ -77,8 +77,15 @@ def build_demo(work_dir: Path | None = None, *, epochs: int | None = None, datas
     for ds in sorted({demo_dataset(n) for n in models}):  # every dataset present before any training
         if ds == "fashion-mnist":
             load_fashion_mnist()  # the demo is Fashion-MNIST or nothing: no silent fallback to digits here
-        else:
+            continue
+        try:
             load_splits(ds)
+        except DatasetError as exc:
+            if dataset is not None:
+                raise
+            # building every demo: the others need not wait for this dataset (e.g. npm unreachable)
+            log.warning("skipping the %s demos: %s", ds, exc)
+            models = {n: o for n, o in models.items() if demo_dataset(n) != ds}
     work = work_dir or REPO_ROOT / ".cache" / "demo-build"
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

@@ -38,3 +38,11 @@ def test_every_demo_names_its_partner_on_the_same_dataset() -> None:
 
 def cfg_das(path: object) -> bool:
     return bool(load_checkpoint(path).config.das)  # type: ignore[arg-type]
+
+
+def test_demo_build_for_a_dataset_without_demos_names_those_with_demos() -> None:
+    from das_core.data import DatasetError
+    from das_core.demo import build_demo
+
+    with pytest.raises(DatasetError, match="no demo is trained on 'cub200'; demos exist for: emoji-styles, fashion-mnist"):
+        build_demo(dataset="cub200")
