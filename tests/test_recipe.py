@@ -165,6 +165,23 @@ def test_lr_per_epoch_in_a_training_run(tmp_path: Path) -> None:
     assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4], rel=1e-12)  # float64 products by 0.5 are exact
 
 
+def test_lr_schedule_survives_resume(tmp_path: Path) -> None:
+    """Stopped after epoch 2 (lr already halved) and resumed, the run continues the schedule
+    from the base lr (kept in the optimiser state), not from the multiplied one."""
+    from das_core.io import read_jsonl
+    from das_core.training import resolve_resume_config, train
+
+    cfg = TrainConfig(
+        dataset="digits", backbone="small-cnn", embedding_dim=16, batch_size=20, samples_per_class=4,
+        epochs=2, steps_per_epoch=2, lr=1e-3, lr_schedule="multistep", lr_milestones="1,2", lr_factor=0.5,
+        device="cpu", out=str(tmp_path / "run"),
+    )
+    train(cfg, show_progress=False)
+    train(resolve_resume_config(tmp_path / "run", {"epochs": 3}), resume=True, show_progress=False)
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4], rel=1e-12)
+
+
 # ---------------------------------------------------------------------------- bank overflow
 
 
