@@ -439,7 +439,9 @@ def train(
             bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
             loss_sum += torch.where(finite, detached, torch.zeros_like(detached))
             now = time.time()
-            if now - last_report >= 1.0 or step == steps:
+            # once a second, and at each epoch's first and last step (so that an epoch shorter
+            # than a second still shows up in progress.json while it runs)
+            if now - last_report >= 1.0 or step == 1 or step == steps:
                 last_report = now
                 first_bad = int(bad_step)  # a host sync once a second, not every step
                 if first_bad >= 0:
