@@ -563,6 +563,7 @@ def check_path(name: str, value: str | None) -> None:
 # anything walks them, and it turns any digit string into an int (5,000 digits: a ValueError
 # from Python's int limit). Config files are small and flat: cap both.
 MAX_CONFIG_NODES = 10_000
+MAX_CONFIG_BYTES = 1_000_000
 MAX_NUMBER_DIGITS = 50
 
 
@@ -641,6 +642,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config", str(p), "the config file does not exist")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError("config", str(p), f"{p.stat().st_size:,} bytes is not a config file (at most {MAX_CONFIG_BYTES:,})")
     try:
         doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_yaml_loader())  # a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as exc:

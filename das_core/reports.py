@@ -327,7 +327,9 @@ def cli_command(cfg: TrainConfig, *, skip: Sequence[str] = ("out",)) -> str:
 
 def describe_config_error(exc: ConfigError) -> dict[str, str]:
     """The parts of a ``ConfigError`` to show next to the form."""
-    return {"field": exc.field, "value": repr(exc.value), "allowed": exc.allowed}
+    from das_core.messages import clip
+
+    return {"field": exc.field, "value": clip(exc.value), "allowed": exc.allowed}
 
 
 def progress_summary(progress: Mapping[str, Any]) -> dict[str, Any]:

@@ -74,3 +74,10 @@ def test_out_with_a_300_character_name(tmp_path: Path, capsys: pytest.CaptureFix
         TrainConfig.from_mapping({"out": str(out)})
     cli_refuses(capsys, ["train", "--dataset", "digits", "--out", str(out), "--dry-run"], "300 characters long")
     cli_refuses(capsys, ["train", "--out", str(out), "--resume"], "300 characters long")
+
+
+def test_a_huge_config_file_is_refused_unread(tmp_path: Path) -> None:
+    p = tmp_path / "big.yaml"
+    p.write_text("# " + "x" * 2_000_000 + "\nlr: 0.1\n")
+    with pytest.raises(ConfigError, match="is not a config file"):
+        load_config_file(p)
