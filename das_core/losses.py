@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from das_core.miners import IndicesTuple, build_miner
+from das_core.ms_dense import DenseMultiSimilarity, dense_multi_similarity
 
 if TYPE_CHECKING:
     from das_core.config import TrainConfig
@@ -177,6 +178,11 @@ def get_loss_spec(name: str) -> LossSpec:
     return LOSSES[name]
 
 
+# The dense multi-similarity path on the CPU as well (it has no host synchronisation to save
+# there; bench/bench_ms_dense.py compares the two on one thread).
+DENSE_MS_ON_CPU = False
+
+
 class Criterion(nn.Module):
     """What the trainer calls on a batch of real embeddings: DAS (when on) produces the
     enlarged batch, the miner mines it, the loss scores it.
@@ -211,12 +217,18 @@ class Criterion(nn.Module):
         self.grad_norm = grad_norm
         self.exclude_own_copies = exclude_own_copies
         self.diagnostics: DASDiagnostics | None = None
+        # Multi-similarity loss with multi-similarity (or no) mining: the same loss on dense
+        # masks, without the host synchronisations of PML's index lists (das_core/ms_dense.py).
+        self.dense_ms: DenseMultiSimilarity | None = dense_multi_similarity(loss, miner)
 
     def _score(
         self, embeddings: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, IndicesTuple | None]:
         """The loss of the batch and the tuples it used (``None``: the loss chose them itself).
         ``source[i]``: the real embedding row ``i`` was produced from (drops own-copy tuples)."""
+        if self.dense_ms is not None and self.diagnostics is None and (embeddings.is_cuda or DENSE_MS_ON_CPU):
+            # Diagnostics read the mined tuples, so they keep PML's index lists.
+            return self.dense_ms(embeddings, labels, source), None
         if self.miner is None:
             if source is None:
                 out: torch.Tensor = self.loss(embeddings, labels)
