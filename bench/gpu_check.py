@@ -11,8 +11,10 @@ names a file, else ``bench/results/gpu_check.json``):
 3. ResNet-50 (random init), batch 112 (56 x 2), 224 px, bf16 autocast, channels_last,
    multi-similarity loss and miner with DAS (K = 8), fused Adam: forward+backward alone vs
    the full training step (augmentation, DAS, miner, loss, optimiser), their ratio, and
-   DAS's share of the step; also the criterion (DAS + miner + loss, forward and backward)
-   and the optimiser step alone.
+   DAS's share of the step; also the criterion (DAS + miner + loss, forward and backward),
+   the criterion without DAS (dense multi-similarity, and PML's miner + loss for reference),
+   the optimiser step alone, and the host synchronisations of one step and of one criterion
+   call (``torch.cuda.set_sync_debug_mode("warn")`` warnings).
 
 Without CUDA it prints "no CUDA: skipped", writes that and exits 0. A part whose package is
 missing (pytest, hypothesis, torchvision, pytorch-metric-learning) is skipped with the
@@ -69,6 +71,26 @@ def missing(*modules: str) -> list[str]:
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def count_host_syncs(fn: Callable[[], Any], dev: torch.device) -> int | None:
+    """Host synchronisations in one call of ``fn``: the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` (``None`` without CUDA)."""
+    if dev.type != "cuda":
+        return None
+    import warnings
+
+    fn()  # warm: first calls may capture CUDA graphs or tune kernels
+    torch.cuda.synchronize(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(dev)
+    return sum("synchronizing" in str(w.message) for w in caught)
 
 
 def time_per_call(fn: Callable[[], Any], dev: torch.device, iters: int, warmup: int = 5) -> float:
@@ -282,9 +304,23 @@ def resnet_step(dev: torch.device, steps: int, batch: int = 112, size: int = 224
     def das_only() -> None:
         das(emb_fixed, labels)
 
+    from das_core.losses import Criterion
+
+    plain = Criterion(crit.loss, crit.miner, None)  # the same miner and loss, without DAS
+
+    def criterion_no_das() -> None:
+        e = emb_fixed.clone().requires_grad_()
+        plain(e, labels).backward()
+
     t_ref = time_per_call(fwd_bwd, dev, steps)
     t_full = time_per_call(full_step, dev, steps)
     t_crit = time_per_call(criterion_only, dev, steps)
+    t_crit_plain = time_per_call(criterion_no_das, dev, steps)
+    # The same without DAS on PML's index-list miner and loss (what ran before the dense one).
+    dense_ms, plain.dense_ms = plain.dense_ms, None
+    t_crit_pml = time_per_call(criterion_no_das, dev, steps)
+    plain.dense_ms = dense_ms
+    syncs_step, syncs_crit = count_host_syncs(full_step, dev), count_host_syncs(criterion_only, dev)
     t_opt = time_per_call(optimiser_only, dev, steps)
     t_das = time_per_call(das_only, dev, max(steps, 50))
     res = {
@@ -297,6 +333,11 @@ def resnet_step(dev: torch.device, steps: int, batch: int = 112, size: int = 224
         "ms_das_forward": t_das,
         "das_share_of_step": t_das / t_full,
         "ms_criterion_fwd_bwd": t_crit,
+        "ms_criterion_fwd_bwd_no_das": t_crit_plain,
+        "ms_criterion_fwd_bwd_no_das_pml": t_crit_pml,
+        "dense_multi_similarity": dense_ms is not None,
+        "host_syncs_per_step": syncs_step,
+        "host_syncs_per_criterion": syncs_crit,
         "ms_optimiser_step_fused_adam": t_opt,
         "images_per_s_forward_backward": batch / t_ref * 1000,
         "images_per_s_full_step": batch / t_full * 1000,
@@ -306,6 +347,10 @@ def resnet_step(dev: torch.device, steps: int, batch: int = 112, size: int = 224
         f"  fwd+bwd {t_ref:.2f} ms, full step {t_full:.2f} ms -> ratio {t_ref / t_full:.3f} (target >= 0.9); "
         f"DAS {t_das:.3f} ms = {100 * t_das / t_full:.2f}% of the step (target <= 1%); "
         f"criterion fwd+bwd {t_crit:.2f} ms; fused Adam step {t_opt:.2f} ms"
+    )
+    print(
+        f"  criterion without DAS {t_crit_plain:.2f} ms (PML's miner + loss: {t_crit_pml:.2f} ms); "
+        f"host syncs per step {syncs_step}, per criterion call {syncs_crit}"
     )
     return res
 
@@ -368,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     if "ratio_full_step_over_forward_backward" in step:
         print(
             f"  ResNet-50 step / fwd+bwd: {step['ratio_full_step_over_forward_backward']:.3f} (target >= 0.9), "
-            f"DAS share {100 * step['das_share_of_step']:.2f}% (target <= 1%)"
+            f"DAS share {100 * step['das_share_of_step']:.2f}% (target <= 1%), "
+            f"host syncs per step {step.get('host_syncs_per_step')}"
         )
     print(f"  total {results['total_seconds']} s; {'OK' if not failed else 'SOMETHING FAILED (see above)'}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -178,9 +178,10 @@ def get_loss_spec(name: str) -> LossSpec:
     return LOSSES[name]
 
 
-# The dense multi-similarity path on the CPU as well (it has no host synchronisation to save
-# there; bench/bench_ms_dense.py compares the two on one thread).
-DENSE_MS_ON_CPU = False
+# The dense multi-similarity path on the CPU as well: it gives PML's value and gradient to the
+# bit there (tests/test_ms_dense.py) and is faster on one thread (bench/bench_ms_dense.py:
+# 0.4-0.9x PML's time at N = 112 and 448).
+DENSE_MS_ON_CPU = True
 
 
 class Criterion(nn.Module):
@@ -220,15 +221,17 @@ class Criterion(nn.Module):
         # Multi-similarity loss with multi-similarity (or no) mining: the same loss on dense
         # masks, without the host synchronisations of PML's index lists (das_core/ms_dense.py).
         self.dense_ms: DenseMultiSimilarity | None = dense_multi_similarity(loss, miner)
+        self._dense_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _score(
         self, embeddings: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, IndicesTuple | None]:
         """The loss of the batch and the tuples it used (``None``: the loss chose them itself).
         ``source[i]``: the real embedding row ``i`` was produced from (drops own-copy tuples)."""
-        if self.dense_ms is not None and self.diagnostics is None and (embeddings.is_cuda or DENSE_MS_ON_CPU):
-            # Diagnostics read the mined tuples, so they keep PML's index lists.
-            return self.dense_ms(embeddings, labels, source), None
+        if self.dense_ms is not None and (embeddings.is_cuda or DENSE_MS_ON_CPU):
+            loss, pos, neg = self.dense_ms.loss_and_pairs(embeddings, labels, source)
+            self._dense_pairs = (pos, neg)  # listed only for a diagnostics step (see forward)
+            return loss, None
         if self.miner is None:
             if source is None:
                 out: torch.Tensor = self.loss(embeddings, labels)
@@ -260,8 +263,13 @@ class Criterion(nn.Module):
         source = torch.arange(b, device=embeddings.device).repeat(1 + self.das.num_produce)
         if diag is not None and ptr_before is not None:
             diag.track_bank(self.das, labels, ptr_before)
+        self._dense_pairs = None
         enlarged, indices = self._penalised(emb_all, labels_all, source if self.exclude_own_copies else None)
         measure = diag is not None and diag.measure_now()
+        if measure and self._dense_pairs is not None:  # the dense loss's pairs as PML's index lists
+            a1, p = torch.where(self._dense_pairs[0])
+            a2, n = torch.where(self._dense_pairs[1])
+            indices = (a1, p, a2, n)
         if self.grad_norm or measure:
             # The baseline's loss on the same real batch: what the gradient size is matched to
             # (--das-grad-norm) and compared with (diagnostics). Mining it draws random numbers;

@@ -69,6 +69,12 @@ class DenseMultiSimilarity:
     def __call__(
         self, embeddings: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
     ) -> torch.Tensor:
+        return self.loss_and_pairs(embeddings, labels, source)[0]
+
+    def loss_and_pairs(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss and the (N, N) masks of the positive and negative pairs it scored."""
         from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
         if embeddings.ndim != 2 or labels.ndim != 1 or len(labels) != len(embeddings):
@@ -77,8 +83,11 @@ class DenseMultiSimilarity:
                 f"{tuple(embeddings.shape)} and {tuple(labels.shape)}"
             )
         labels = labels.to(embeddings.device)
-        x = torch.nn.functional.normalize(embeddings, p=2, dim=1)
-        sim = torch.matmul(x, x.t())  # PML's CosineSimilarity, op for op
+        # PML's CosineSimilarity(embeddings, ref_emb=embeddings), op for op: query and
+        # reference are normalised separately, so the backward adds up the same two paths.
+        query = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+        ref = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+        sim = torch.matmul(query, ref.t())
         pos, neg = self.masks(sim, labels, source)
         # PML's MultiSimilarityLoss._compute_loss, op for op (so the values agree to the bit).
         pos_loss = (1.0 / self.alpha) * lmu.logsumexp(self.alpha * (self.base - sim), keep_mask=pos, add_one=True)
@@ -86,7 +95,7 @@ class DenseMultiSimilarity:
         loss = (pos_loss + neg_loss).mean()
         degenerate = (pos.sum() <= 1) & (neg.sum() <= 1)
         out: torch.Tensor = torch.where(degenerate, torch.zeros_like(loss), loss)
-        return out
+        return out, pos, neg
 
 
 def dense_multi_similarity(loss: Any, miner: Any) -> DenseMultiSimilarity | None:

@@ -111,6 +111,21 @@ def test_dense_ms_matches_pml_with_ties() -> None:
         _check(emb, labels, eps)
 
 
+def test_dense_ms_is_bit_identical_to_pml_in_float32() -> None:
+    """Why the dense path may run on the CPU too (``DENSE_MS_ON_CPU``) without moving any CPU
+    result: it runs PML's ops in PML's order on the same inputs (the masks only decide which
+    entries are filled with the dtype's minimum), so value and gradient agree to the bit."""
+    gen = torch.Generator().manual_seed(11)
+    for eps in (0.1, None):
+        dense = DenseMultiSimilarity(2.0, 50.0, 0.5, eps)
+        for n in (12, 112):
+            labels = torch.randint(0, n // 3, (n,), generator=gen)
+            emb = torch.nn.functional.normalize(torch.randn(n, 64, generator=gen), dim=1)
+            v_ref, g_ref = _value_and_grad(lambda e, y, eps=eps: _pml(e, y, eps), emb, labels)
+            v, g = _value_and_grad(dense, emb, labels)
+            assert torch.equal(v, v_ref) and torch.equal(g, g_ref)
+
+
 def _criterion(miner: str, **extra: Any) -> Criterion:
     cfg = TrainConfig.from_mapping({"loss": "multi-similarity", "miner": miner, "embedding_dim": 16, **extra})
     return build_criterion(cfg, 6).double()
@@ -223,3 +238,28 @@ def test_dense_ms_criterion_has_no_data_dependent_ops(miner: str, monkeypatch: p
     # The check can fail: PML's own path is caught by it.
     monkeypatch.setattr(losses, "DENSE_MS_ON_CPU", False)
     assert "nonzero" in _ops(plain_step)
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_das_diagnostics_same_with_dense_ms(exclude: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A diagnostics step lists the dense loss's pairs for DASDiagnostics: the same figures
+    as with PML's miner (pair order differs; every figure is a sum over the pairs)."""
+    import das_core.losses as losses
+    from das_core.diagnostics import DASDiagnostics
+
+    summaries = []
+    for on_cpu in (False, True):
+        monkeypatch.setattr(losses, "DENSE_MS_ON_CPU", on_cpu)
+        crit = _criterion("multi-similarity", das=True, das_num_produce=2, das_topk=2, das_exclude_own_copies=exclude)
+        diag = DASDiagnostics(2)
+        crit.diagnostics = diag
+        diag.start_epoch(2)
+        gen = torch.Generator().manual_seed(12)
+        torch.manual_seed(13)
+        for _ in range(2):
+            emb, labels = _batch(gen, classes=6, per_class=2)
+            crit(torch.nn.functional.normalize(emb, dim=1).requires_grad_(), labels)
+        summaries.append(diag.summary())
+    assert summaries[0].keys() == summaries[1].keys() and "share_active" in summaries[0]
+    for key, value in summaries[0].items():
+        assert summaries[1][key] == pytest.approx(value, rel=RTOL, abs=ATOL), key

@@ -337,7 +337,7 @@ def test_l2_penalty_covers_the_das_enlarged_batch() -> None:
     crit.das.reset_state()
     torch.manual_seed(1)
     all_emb, all_labels = crit.das(emb, labels)
-    want = crit._score(all_emb, all_labels) + 0.5 * all_emb.norm(dim=1).mean()
+    want = crit._score(all_emb, all_labels)[0] + 0.5 * all_emb.norm(dim=1).mean()
     # the criterion's own expression on bit-identical inputs (same seed): equal, rel 1e-6 = 16 ulps
     assert float(total) == pytest.approx(float(want), rel=1e-6)
 
