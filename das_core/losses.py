@@ -180,7 +180,7 @@ def get_loss_spec(name: str) -> LossSpec:
 
 # The dense multi-similarity path on the CPU as well: it gives PML's value and gradient to the
 # bit there (tests/test_ms_dense.py) and is faster on one thread (bench/bench_ms_dense.py:
-# 0.4-0.9x PML's time at N = 112 and 448).
+# 0.5-0.9x PML's time at N = 112 and 448, with and without the miner).
 DENSE_MS_ON_CPU = True
 
 
