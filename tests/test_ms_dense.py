@@ -99,6 +99,11 @@ def test_dense_ms_matches_pml_when_nothing_or_one_pair_is_mined() -> None:
     _check(torch.randn(5, 8, generator=gen, dtype=torch.float64), torch.zeros(5, dtype=torch.long), 0.1)
     assert float(_check(torch.randn(1, 8, generator=gen, dtype=torch.float64), torch.tensor([0]), None)) == 0.0
     assert float(_check(torch.randn(3, 8, generator=gen, dtype=torch.float64), torch.tensor([0, 0, 1]), 2.0)) != 0.0
+    # One positive and one negative pair mined: PML's zero loss (it scores nothing then).
+    emb = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, pos, neg = DenseMultiSimilarity(2.0, 50.0, 0.5, 0.1).loss_and_pairs(emb, torch.tensor([0, 0, 1]))
+    assert (int(pos.sum()), int(neg.sum())) == (1, 1)
+    assert float(_check(emb, torch.tensor([0, 0, 1]), 0.1)) == 0.0
 
 
 def test_dense_ms_matches_pml_with_ties() -> None:
