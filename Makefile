@@ -99,9 +99,9 @@ bench-das: setup-dev
 # why-variants, ablations and grid), then the paired statistics into README.md.
 FINE := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) bench/bench_das_finegrained.py --lr 1e-3 --epochs 12 --threads 1
 bench-finegrained: setup-dev
-	$(FINE) --plan main --budget-minutes 110 & \
-	  $(FINE) --plan why ablation grid --budget-minutes 110 --out bench/results/das_finegrained_why.json; wait
-	$(PY) bench/summarise_finegrained.py --results bench/results/das_finegrained.json bench/results/das_finegrained_why.json
+	$(FINE) --plan main --eval-every 12 --budget-minutes 110 & \
+	  $(FINE) --plan why ablation grid --eval-every 3 --budget-minutes 110; wait
+	$(PY) bench/summarise_finegrained.py
 
 bench-finegrained-quick: setup-dev
 	$(FINE) --quick

@@ -124,10 +124,12 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for seed in args.seeds:
                     add("baseline", loss, seed, {"das": False})
                     add("das", loss, seed, {"das": True})
-        elif plan == "why":
-            for seed in args.why_seeds:
-                for name, ov in WHY.items():
-                    add(name, dw, seed, ov)
+        elif plan == "why":  # the key variants for every seed first, then the others
+            names = list(WHY)
+            for group in (names[:5], names[5:]):
+                for seed in args.why_seeds:
+                    for name in group:
+                        add(name, dw, seed, WHY[name])
         elif plan == "ablation":
             for seed in args.seeds:
                 add("dfs-only", dw, seed, {"das": True, "das_mode": "dfs"})
@@ -265,6 +267,26 @@ def same_cell(rec: dict[str, Any], run: dict[str, Any], args: argparse.Namespace
             and rec.get("dataset") == args.dataset and rec.get("batch_size", 112) == args.batch_size)
 
 
+def record_key(rec: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(rec.get(k) for k in ("id", "dataset", "setting", "epochs", "lr", "image_size", "batch_size"))
+
+
+def save_record(path: Path, rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add ``rec`` to the JSON list in ``path`` (replacing a record of the same cell), under a file
+    lock, re-reading the file first: several benchmark processes can share one results file."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = json.loads(path.read_text()) if path.is_file() else []
+        records = [r for r in records if record_key(r) != record_key(rec)] + [rec]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records, indent=1) + "\n")
+        tmp.replace(path)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -301,11 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only:
             print(json.dumps({k: v for k, v in rec.items() if k != "curve"}, indent=1))
             return 0
-        records.append(rec)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
-        tmp.replace(out_path)
+        records = save_record(out_path, rec)
         print(f"  -> R@1 {rec['test']['R@1']:.4f}  MAP@R {rec['test']['MAP@R']:.4f}  ({rec['seconds']:.0f} s; "
               f"{len(records)} records, {(time.time() - started) / 60:.1f} min)", flush=True)
     print(f"wall time {(time.time() - started) / 60:.1f} min, {torch.get_num_threads()} thread(s) -> {out_path}",

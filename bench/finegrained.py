@@ -41,14 +41,15 @@ LOSSES: dict[str, dict[str, Any]] = {
 }
 # The "why" variants (DAS on unless das=False), each run with its own baseline control where the
 # change also applies without DAS (optimiser, weight decay).
+# The first five are the key ones (run for every seed before the others).
 WHY: dict[str, dict[str, Any]] = {
-    "das+adamw": {"das": True, "optimizer": "adamw"},
-    "baseline+adamw": {"das": False, "optimizer": "adamw"},
     "das+wd0": {"das": True, "weight_decay": 0.0},
     "baseline+wd0": {"das": False, "weight_decay": 0.0},
+    "das+no-detach": {"das": True, "das_detach": False},
     "das+grad-norm": {"das": True, "das_grad_norm": True},
     "das+exclude-own": {"das": True, "das_exclude_own_copies": True},
-    "das+no-detach": {"das": True, "das_detach": False},
+    "das+adamw": {"das": True, "optimizer": "adamw"},
+    "baseline+adamw": {"das": False, "optimizer": "adamw"},
     "das+r0.1": {"das": True, "das_r_s": 0.1, "das_r_b": 0.1},
     "das+aux1": {"das": True, "das_aux_weight": 1.0},
     "das+grad-norm+exclude-own": {"das": True, "das_grad_norm": True, "das_exclude_own_copies": True},

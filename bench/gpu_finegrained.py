@@ -154,6 +154,7 @@ def run_job(name: str, seed: int, args: argparse.Namespace, deadline: float, out
         **job_overrides(name),
     })
     torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     model = build_model(cfg).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -58,12 +58,12 @@ def _fmt(mean: float, lo: float, hi: float) -> str:
 
 def compare(records: list[dict[str, Any]], key_a: Any, key_b: Any) -> dict[str, Any] | None:
     """Pair records selected by ``key_a(rec)`` (treatment) and ``key_b(rec)`` (control) by seed."""
-    a = {r["seed"]: r for r in records if key_a(r)}
-    b = {r["seed"]: r for r in records if key_b(r)}
-    seeds = sorted(set(a) & set(b))
+    a = {(r["seed"], r.get("epochs")): r for r in records if key_a(r)}
+    b = {(r["seed"], r.get("epochs")): r for r in records if key_b(r)}
+    seeds = sorted(set(a) & set(b))  # pairs: same seed, same number of epochs
     if not seeds:
         return None
-    out: dict[str, Any] = {"seeds": seeds, "n": len(seeds)}
+    out: dict[str, Any] = {"seeds": [s for s, _ in seeds], "n": len(seeds), "epochs": sorted({e for _, e in seeds if e is not None})}
     for m in ("R@1", "MAP@R"):
         diffs = [100 * (a[s]["test"][m] - b[s]["test"][m]) for s in seeds]
         mean, lo, hi = paired(diffs)
@@ -102,13 +102,14 @@ def curve_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main_setting(records: list[dict[str, Any]]) -> tuple[Any, ...]:
-    keys = Counter((r["dataset"], r["setting"], r["epochs"], r["lr"]) for r in records if r["variant"] == "baseline")
+    keys = Counter((r["dataset"], r["setting"], r["lr"]) for r in records if r["variant"] == "baseline")
     return keys.most_common(1)[0][0]
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    dataset, setting, epochs, lr = main_setting(records)
-    recs = [r for r in records if (r["dataset"], r["setting"], r["epochs"], r["lr"]) == (dataset, setting, epochs, lr)]
+    dataset, setting, lr = main_setting(records)
+    recs = [r for r in records if (r["dataset"], r["setting"], r["lr"]) == (dataset, setting, lr)]
+    epochs = sorted({r["epochs"] for r in recs})
     losses = sorted({(r["loss"], r["miner"]) for r in recs if r["variant"] == "das"})
     base = {lm: (lambda r, lm=lm: r["variant"] == "baseline" and (r["loss"], r["miner"]) == lm) for lm in losses}
     main = {f"{lo} / {mi}": compare(recs, lambda r, lm=(lo, mi): r["variant"] == "das" and (r["loss"], r["miner"]) == lm,
@@ -140,7 +141,7 @@ def fashion_mnist() -> dict[str, Any]:
     runs = json.loads(path.read_text())["runs"]
     out = {}
     for setting in sorted({r["setting"] for r in runs}):
-        res = compare(runs, lambda r, s=setting: r["setting"] == s and r["variant"] == "das",
+        res = compare(runs, lambda r, s=setting: r["setting"] == s and r["variant"] == "+ DAS",
                       lambda r, s=setting: r["setting"] == s and r["variant"] == "baseline")
         if res:
             out[setting] = res
@@ -149,18 +150,19 @@ def fashion_mnist() -> dict[str, Any]:
 
 def render(s: dict[str, Any], fm: dict[str, Any]) -> str:
     lines = [
-        f"Dataset `{s['dataset']}`, setting `{s['setting']}` (see below), {s['epochs']} epochs, lr {s['lr']:g}, "
-        "last epoch reported (no model selection). Paired difference DAS − baseline (same seed), in points, "
-        "mean [95 % t-interval over seeds]; the verdict reads the interval only.",
+        f"Dataset `{s['dataset']}`, setting `{s['setting']}` (see above), lr {s['lr']:g}, last epoch reported (no "
+        "model selection). Paired difference DAS − baseline (same seed, same epochs), in points, mean [95 % "
+        "t-interval over seeds]; the verdict reads the interval only. R@1 and MAP@R in %.",
         "",
-        "| loss / miner | seeds | baseline R@1 | + DAS R@1 | Δ R@1 | Δ MAP@R | verdict (R@1) | verdict (MAP@R) |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        "| loss / miner | epochs | seeds | baseline R@1 | + DAS R@1 | Δ R@1 | Δ MAP@R | verdict (R@1) | verdict (MAP@R) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, res in s["main"].items():
         if res is None:
             continue
         r1, mp = res["R@1"], res["MAP@R"]
-        lines.append(f"| {name} | {res['n']} | {r1['control']:.2f} | {r1['treated']:.2f} | "
+        lines.append(f"| {name} | {'/'.join(map(str, res['epochs']))} | {res['n']} | {r1['control']:.2f} | "
+                     f"{r1['treated']:.2f} | "
                      f"{_fmt(r1['mean'], r1['lo'], r1['hi'])} | {_fmt(mp['mean'], mp['lo'], mp['hi'])} | "
                      f"{r1['verdict']} | {mp['verdict']} |")
     if s["others"]:
@@ -224,8 +226,7 @@ def _num(x: float | None) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", type=Path, nargs="+", default=[DEFAULT, RESULTS / "das_finegrained_why.json"],
-                    help="result files (missing ones are skipped)")
+    ap.add_argument("--results", type=Path, nargs="+", default=[DEFAULT], help="result files (missing ones skipped)")
     ap.add_argument("--print", action="store_true", help="print the table instead of writing README.md")
     args = ap.parse_args()
     records = [r for path in args.results if path.is_file() for r in json.loads(path.read_text())]
