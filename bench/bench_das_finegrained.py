@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-minutes", type=float, default=120.0, help="start no new run after this")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="<= 10 min: 2 losses x 2 seeds x 6 epochs, main plan")
+    ap.add_argument("--variants", nargs="+", default=None, help="run only these variants of the plans")
     ap.add_argument("--only", default=None, help="run one record by its id (as printed) and print it")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -139,6 +140,8 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for r_s in GRID_RS:
                     for r_b in GRID_RB:
                         add("grid", dw, seed, {"das": True, "das_r_s": r_s, "das_r_b": r_b})
+    if args.variants:
+        runs = [r for r in runs if r["variant"] in args.variants]
     return runs
 
 
