@@ -64,18 +64,9 @@ def recipe(seed: int, epochs: int, out: str, steps: int | None = None) -> Any:
 def authors_das(cfg: Any, num_classes: int) -> Any:
     from reference_das import ReferenceDAS
 
-    return ReferenceDAS(
-        num_classes,
-        cfg.embedding_dim,
-        num_produce=cfg.das_num_produce,
-        topk=cfg.das_topk,
-        r_s=cfg.das_r_s,
-        r_b=cfg.das_r_b,
-        bank_size=cfg.das_bank_size,
-        normalize=cfg.das_normalize,
-        detach=cfg.das_detach,
-        bank_overflow="authors",
-    )
+    kw = cfg.das_kwargs()  # the loop port takes the plain subset (no DFS/MTS switches, no gamma_range)
+    common = ("num_produce", "topk", "r_s", "r_b", "bank_size", "normalize", "detach")
+    return ReferenceDAS(num_classes, cfg.embedding_dim, **{k: kw[k] for k in common}, bank_overflow="authors")
 
 
 def lockstep(cfg: Any, steps: int) -> dict[str, Any]:

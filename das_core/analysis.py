@@ -337,18 +337,8 @@ def produced_honesty(
 
 def das_kwargs_for(cfg: TrainConfig) -> dict[str, Any]:
     """The ``DenselyAnchoredSampling`` hyper-parameters of a training config (whether or not
-    it trained with DAS), for ``compute_das_state``."""
-    return {
-        "num_produce": int(cfg.das_num_produce),
-        "topk": int(cfg.das_topk),
-        "r_s": float(cfg.das_r_s),
-        "r_b": float(cfg.das_r_b),
-        "bank_size": int(cfg.das_bank_size),
-        "normalize": bool(cfg.das_normalize),
-        "detach": bool(cfg.das_detach),
-        "use_dfs": cfg.das_mode in ("both", "dfs"),
-        "use_mts": cfg.das_mode in ("both", "mts"),
-    }
+    it trained with DAS), for ``compute_das_state``: :meth:`TrainConfig.das_kwargs`."""
+    return cfg.das_kwargs()
 
 
 def compute_das_state(

@@ -443,6 +443,25 @@ class TrainConfig:
             return (self.das_gamma_low, self.das_gamma_high)
         return (1.0 - self.das_r_s, 1.0 + self.das_r_s)
 
+    def das_kwargs(self) -> dict[str, Any]:
+        """The ``DenselyAnchoredSampling`` keyword arguments of this config (besides the number of
+        classes and the dimension), whether or not it trains with DAS: the one config → DAS
+        mapping, used by the trainer, the checkpoint loader, the app's what-if state and the
+        benchmarks."""
+        return {
+            "num_produce": int(self.das_num_produce),
+            "topk": int(self.das_topk),
+            "r_s": float(self.das_r_s),
+            "r_b": float(self.das_r_b),
+            "bank_size": int(self.das_bank_size),
+            "normalize": bool(self.das_normalize),
+            "detach": bool(self.das_detach),
+            "use_dfs": self.das_mode in ("both", "dfs"),
+            "use_mts": self.das_mode in ("both", "mts"),
+            "gamma_range": self.gamma_range() if self.das_gamma_low is not None else None,
+            "bank_overflow": "authors" if self.das_bank_overflow == "authors" else "fifo",
+        }
+
     @property
     def samples_needed_classes(self) -> int:
         """How many distinct training classes one batch draws."""

@@ -373,21 +373,7 @@ def build_das(cfg: TrainConfig, num_classes: int) -> DenselyAnchoredSampling | N
         return None
     from das_core.das import DenselyAnchoredSampling
 
-    return DenselyAnchoredSampling(
-        num_classes,
-        cfg.embedding_dim,
-        num_produce=cfg.das_num_produce,
-        topk=cfg.das_topk,
-        r_s=cfg.das_r_s,
-        r_b=cfg.das_r_b,
-        bank_size=cfg.das_bank_size,
-        normalize=cfg.das_normalize,
-        detach=cfg.das_detach,
-        use_dfs=cfg.das_mode in ("both", "dfs"),
-        use_mts=cfg.das_mode in ("both", "mts"),
-        gamma_range=cfg.gamma_range() if cfg.das_gamma_low is not None else None,
-        bank_overflow="authors" if cfg.das_bank_overflow == "authors" else "fifo",
-    )
+    return DenselyAnchoredSampling(num_classes, cfg.embedding_dim, **cfg.das_kwargs())
 
 
 def build_criterion(cfg: TrainConfig, num_classes: int) -> Criterion:

@@ -11,6 +11,7 @@ from das_core.analysis import (
     bank_summary,
     class_top_dims,
     compute_das_state,
+    das_kwargs_for,
     gap_fill,
     gap_reference,
     preview_shifts,
@@ -201,3 +202,20 @@ def test_produced_honesty_matches_brute_force(per_class_max: int, monkeypatch: p
     assert copies["fraction_own_closer"] == copies["anchors"]["fraction_own_closer"]
     # without produced_from, a copy sits on its anchor: own distance 0
     assert produced_honesty(x, y, x[anchors], y[anchors])["own_distance"].max() == 0.0
+
+
+def test_what_if_das_state_uses_the_same_das_settings_as_training() -> None:
+    """The app's what-if DAS (compute_das_state with das_kwargs_for) and the trainer's DAS
+    (losses.build_das) come from one mapping: every recipe option reaches both (the what-if
+    state once missed the asymmetric scale range and the authors' bank overflow)."""
+    from das_core.config import TrainConfig
+    from das_core.das import DenselyAnchoredSampling
+    from das_core.losses import build_das
+
+    cfg = TrainConfig(das=True, das_gamma_low=0.5, das_gamma_high=2.0, das_bank_overflow="authors",
+                      das_mode="mts", das_topk=8, das_detach=False)
+    trained = build_das(cfg, 7)
+    assert trained is not None
+    what_if = DenselyAnchoredSampling(7, cfg.embedding_dim, **das_kwargs_for(cfg))
+    assert what_if.config() == trained.config()
+    assert what_if.config()["gamma_range"] == (0.5, 2.0) and what_if.config()["bank_overflow"] == "authors"
