@@ -76,4 +76,7 @@ def test_two_maps_aligned_and_other_datasets_refused(runs_root: Path, digits_run
     moved = frame(at, "rank")
     assert len(moved) == 20 and list(moved["rank"]) == list(range(1, 21))
     assert set(moved["class"]) <= {str(c) for c in range(5, 10)}
-    assert len(at.get("plotly_chart")) == 4  # the two curves and the two maps
+    # the two curves, the DAS diagnostics (the digits run logs them) and the two maps
+    assert [c.key for c in at.get("plotly_chart")] == [
+        "compare_r1", "compare_loss", "compare_diag_chart", "compare_map_a", "compare_map_b"
+    ]
