@@ -53,6 +53,8 @@ def test_runs_table_lists_the_digits_run_with_its_metrics(runs_root: Path, digit
     options = at.selectbox(key="compare_diag").options
     assert reports.DIAGNOSTIC_LABELS["das_diagnostics.share_own_copy"] in options
     assert reports.DIAGNOSTIC_LABELS["weight_norm.backbone"] in options
+    # shown first: the gradient ratio (what explains DAS's effect in the fine-grained benchmark)
+    assert at.selectbox(key="compare_diag").value == "das_diagnostics.grad_ratio"
     logged = reports.run_diagnostics(digits_run)
     assert len(logged["das_diagnostics.share_own_copy"]) == 2  # one value per epoch
     bench = reports.bench_summary(REPO / "bench" / "results")

@@ -94,8 +94,11 @@ else:
         if keys:
             st.markdown("**DAS diagnostics per epoch** (measured on a few steps of each epoch; weight norms for "
                         "every run)")
-            key = st.selectbox("Diagnostic", keys, key="compare_diag",
-                               format_func=lambda k: reports.DIAGNOSTIC_LABELS.get(k, k))
+            # default: the gradient ratio, the figure that explains DAS's effect on the fine-grained
+            # benchmark (README); else the first
+            first = "das_diagnostics.grad_ratio"
+            key = st.selectbox("Diagnostic", keys, index=keys.index(first) if first in keys else 0,
+                               key="compare_diag", format_func=lambda k: reports.DIAGNOSTIC_LABELS.get(k, k))
             series = {n: (d["epoch"], d[key]) for n, d in diags.items() if key in d}
             st.plotly_chart(plots.curves(series, y_title=reports.DIAGNOSTIC_LABELS.get(key, key), height=300),
                             key="compare_diag_chart", width="stretch")
