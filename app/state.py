@@ -41,9 +41,9 @@ def device_name() -> str:
     forced = os.environ.get("DAS_APP_DEVICE")
     if forced:
         return forced
-    import torch
+    from das_core.embed import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device("auto").type
 
 
 @dataclass(frozen=True)
@@ -236,19 +236,10 @@ def das_for_split(ckpt: Checkpoint, es: EmbeddingSet) -> tuple[Any, str]:
 def produce(das: Any, es: EmbeddingSet, anchors: np.ndarray, *, r_s: float, r_b: float, rounds: int, topk: int,
             use_dfs: bool, use_mts: bool, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(produced (T·A, d), labels, anchor ids, round 1..T)``; the DAS state is not changed."""
-    empty = (np.zeros((0, es.dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
-    if das is None or len(anchors) == 0 or not (use_dfs or use_mts):
-        return empty
-    import torch
+    from das_core.analysis import produce_for_anchors
 
-    gen = torch.Generator().manual_seed(seed)
-    out = das.produce(
-        torch.from_numpy(es.embeddings[anchors]), torch.from_numpy(es.labels[anchors]),
-        r_s=r_s, r_b=r_b, num_produce=rounds, topk=topk, use_dfs=use_dfs, use_mts=use_mts, generator=gen,
-    )
-    produced = out.detach().numpy().astype(np.float32, copy=False)
-    return (produced, np.tile(es.labels[anchors], rounds), np.tile(anchors, rounds),
-            np.repeat(np.arange(1, rounds + 1), len(anchors)))
+    return produce_for_anchors(das, es.embeddings, es.labels, anchors, r_s=r_s, r_b=r_b, rounds=rounds, topk=topk,
+                               use_dfs=use_dfs, use_mts=use_mts, seed=seed)
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)

@@ -335,6 +335,30 @@ def produced_honesty(
 # ---------------------------------------------------------------------------- DAS state
 
 
+def produce_for_anchors(
+    das: DenselyAnchoredSampling | None, embeddings: np.ndarray, labels: np.ndarray, anchors: np.ndarray, *,
+    r_s: float, r_b: float, rounds: int, topk: int, use_dfs: bool, use_mts: bool, seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What DAS (its current state, unchanged) produces from the real points ``anchors``:
+    ``(produced (T·A, d) float32, their labels, their anchor ids, their round 1..T)``, row
+    ``t·A + i`` from anchor ``anchors[i]``; seeded, so the same call gives the same points. Empty
+    arrays without DAS, anchors or halves."""
+    dim = embeddings.shape[1]
+    if das is None or len(anchors) == 0 or not (use_dfs or use_mts):
+        return (np.zeros((0, dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                np.zeros(0, np.int64))
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = das.produce(
+        torch.from_numpy(embeddings[anchors]), torch.from_numpy(labels[anchors]),
+        r_s=r_s, r_b=r_b, num_produce=rounds, topk=topk, use_dfs=use_dfs, use_mts=use_mts, generator=gen,
+    )
+    produced = out.detach().numpy().astype(np.float32, copy=False)
+    return (produced, np.tile(labels[anchors], rounds), np.tile(anchors, rounds),
+            np.repeat(np.arange(1, rounds + 1), len(anchors)))
+
+
 def das_kwargs_for(cfg: TrainConfig) -> dict[str, Any]:
     """The ``DenselyAnchoredSampling`` hyper-parameters of a training config (whether or not
     it trained with DAS), for ``compute_das_state``: :meth:`TrainConfig.das_kwargs`."""

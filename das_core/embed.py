@@ -30,6 +30,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def gpu_name() -> str | None:
+    """The name of the GPU that ``resolve_device("auto")`` would use, or ``None`` without one."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def auto_workers(device: torch.device, requested: int = -1) -> int:
     """DataLoader workers: 0 on the CPU (the cores are busy training), up to 8 on CUDA."""
     if requested >= 0:

@@ -8,11 +8,11 @@ import time
 from typing import Any
 
 import streamlit as st
-import torch
 
 from app import plots, state, widgets
 from das_core import jobs, reports
 from das_core.config import ConfigError
+from das_core.embed import gpu_name
 from das_core.presets import PRESETS
 
 st.title("Train")
@@ -61,8 +61,9 @@ if _key("dataset") not in st.session_state:  # first visit, or back from another
 
 # -- where jobs run -------------------------------------------------------------------------------
 # where jobs run: what the job queue sees (das_core.jobs picks CUDA for "auto" when torch sees a GPU)
-if torch.cuda.is_available():
-    where = f"**CUDA** ({torch.cuda.get_device_name(0)})"
+gpu = gpu_name()
+if gpu is not None:
+    where = f"**CUDA** ({gpu})"
 else:
     where = f"the **CPU** ({jobs.cpu_job_threads()} thread(s); one core is left for the app)"
 st.info(f"Jobs with device `auto` run on {where}, one at a time; the others wait in the queue. "
