@@ -22,7 +22,8 @@ Plans (``--plan``, run in the order given, each cell a record in
 * ``main``: 5 losses x {baseline, das} x ``--seeds``;
 * ``why``: the hypothesis variants of ``finegrained.WHY`` for triplet / distance-weighted
   (AdamW, weight decay 0 with their baselines, --das-grad-norm, --das-exclude-own-copies,
-  detach off, r_s = r_b = 0.1, auxiliary loss) x ``--why-seeds``;
+  detach off, r_s = r_b = 0.1, auxiliary loss; the authors' squared triplet form and their
+  replacement sampler + bank overflow, with their baselines) x ``--why-seeds``;
 * ``ablation``: DFS-only and MTS-only for triplet / distance-weighted x ``--seeds``;
 * ``grid``: r_s x r_b in {0.01, 0.1, 0.3} x {0.01, 0.1, 1.0} x ``--grid-seeds``.
 

@@ -40,7 +40,7 @@ LOSSES: dict[str, dict[str, Any]] = {
     "margin/distance-weighted": {"loss": "margin", "miner": "distance-weighted"},
 }
 # The "why" variants (DAS on unless das=False), each run with its own baseline control where the
-# change also applies without DAS (optimiser, weight decay).
+# change also applies without DAS (optimiser, weight decay, the authors' triplet form and sampler).
 # The first five are the key ones (run for every seed before the others).
 WHY: dict[str, dict[str, Any]] = {
     "das+wd0": {"das": True, "weight_decay": 0.0},
@@ -53,6 +53,11 @@ WHY: dict[str, dict[str, Any]] = {
     "das+r0.1": {"das": True, "das_r_s": 0.1, "das_r_b": 0.1},
     "das+aux1": {"das": True, "das_aux_weight": 1.0},
     "das+grad-norm+exclude-own": {"das": True, "das_grad_norm": True, "das_exclude_own_copies": True},
+    # the authors' recipe pieces that apply here (their triplet loss; their sampler + bank overflow)
+    "das+squared": {"das": True, "triplet_form": "squared"},
+    "baseline+squared": {"das": False, "triplet_form": "squared"},
+    "das+replacement-overflow": {"das": True, "class_sampling": "replacement", "das_bank_overflow": "authors"},
+    "baseline+replacement": {"das": False, "class_sampling": "replacement"},
 }
 
 
@@ -88,7 +93,8 @@ def train_embedding(
     diag = DASDiagnostics(diagnostics_steps) if cfg.das and diagnostics_steps else None
     criterion.diagnostics = diag
     sampler = MPerClassBatchSampler(
-        train_labels, cfg.batch_size, cfg.samples_per_class, num_batches=cfg.steps_per_epoch, seed=cfg.seed
+        train_labels, cfg.batch_size, cfg.samples_per_class, num_batches=cfg.steps_per_epoch, seed=cfg.seed,
+        replacement=cfg.class_sampling == "replacement",
     )
     labels_t = torch.from_numpy(train_labels.astype(np.int64)).to(device)
     aug = torch.Generator(device="cpu")

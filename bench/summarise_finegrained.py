@@ -4,9 +4,9 @@ For each loss: the paired difference DAS − baseline (same seed, same setting) 
 MAP@R, its mean and 95 % t-interval over the seeds (scipy), and a verdict read from the
 interval only: "helps" (interval above 0), "hurts" (below 0), else "no detectable difference
 at N seeds". The same for the ablations, the r_s x r_b grid and the "why" variants (each
-against the baseline of its own seed; AdamW and weight-decay-0 DAS runs also against the
-baseline trained the same way), with the per-epoch curves summarised as the peak epoch and
-the drop from the peak. The Fashion-MNIST benchmark (``das_training.json``) gets the same
+against the baseline of its own seed; AdamW, weight-decay-0, squared-triplet and
+replacement-sampler DAS runs also against the baseline trained the same way), with the
+per-epoch curves summarised as the peak epoch and the drop from the peak. The Fashion-MNIST benchmark (``das_training.json``) gets the same
 paired intervals for the joint reading.
 
     python bench/summarise_finegrained.py [--results FILE ...] [--print]
@@ -24,7 +24,8 @@ from typing import Any
 from common import RESULTS, replace_readme_section
 
 DEFAULT = RESULTS / "das_finegrained.json"
-WHY_CONTROL = {"das+adamw": "baseline+adamw", "das+wd0": "baseline+wd0"}
+WHY_CONTROL = {"das+adamw": "baseline+adamw", "das+wd0": "baseline+wd0", "das+squared": "baseline+squared",
+               "das+replacement-overflow": "baseline+replacement"}
 
 
 def paired(diffs: list[float]) -> tuple[float, float, float]:
@@ -180,7 +181,8 @@ def render(s: dict[str, Any], fm: dict[str, Any]) -> str:
         lines += [
             "",
             "Ablations and the \"why\" variants, triplet / distance-weighted, each against the plain baseline of "
-            "the same seed (AdamW / weight decay 0 DAS runs also against the baseline trained the same way). "
+            "the same seed (AdamW / weight decay 0 / squared triplet / replacement sampler DAS runs also against "
+            "the baseline trained the same way). "
             "Curve: mean epoch of peak test R@1 and the drop from the peak to the last epoch; |w|: backbone "
             "weight norm at the last epoch; grad ratio: gradient reaching the real embeddings, DAS loss / "
             "baseline loss on the same batch (before --das-grad-norm rescales it); own: share of mined tuples pairing an embedding with its own copy; "

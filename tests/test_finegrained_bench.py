@@ -71,3 +71,22 @@ def test_summariser_paired_interval_and_verdicts() -> None:
     assert verdict(-2.0, -0.1, 5) == "hurts"
     assert verdict(-1.0, 1.0, 5) == "no detectable difference at 5 seeds"
     assert math.isnan(paired([1.0])[1])
+
+
+def test_why_variants_are_valid_configs_and_controls_differ_only_in_das() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_das_finegrained import parse_args, recipe
+        from finegrained import WHY, tail_config
+        from summarise_finegrained import WHY_CONTROL
+    finally:
+        sys.path.remove(str(BENCH))
+    base = recipe(parse_args([]))
+    for name, overrides in WHY.items():
+        cfg = tail_config(overrides, base)  # TrainConfig refuses an unknown option or a bad value
+        assert cfg.das == name.startswith("das"), name
+    for treated, control in WHY_CONTROL.items():
+        # a DAS variant's own baseline: the same non-DAS options, DAS off
+        assert WHY[control]["das"] is False and WHY[treated]["das"] is True
+        assert ({k: v for k, v in WHY[treated].items() if not k.startswith("das")}
+                == {k: v for k, v in WHY[control].items() if not k.startswith("das")}), treated
