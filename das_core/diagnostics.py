@@ -51,7 +51,8 @@ class DASDiagnostics:
         self._epoch_step = 0
         self._step = 0
         self._written: torch.Tensor | None = None
-        self._age: torch.Tensor | None = None
+        # what the bank age of the last step needs: its labels and the DAS they went through
+        self._last: tuple[DenselyAnchoredSampling, torch.Tensor] | None = None
 
     # -- schedule ---------------------------------------------------------------------------
     def start_epoch(self, steps: int) -> None:
@@ -87,16 +88,28 @@ class DASDiagnostics:
         if not das.use_mts:
             return
         ptr = das.bank_ptr
-        m = torch.bincount(labels.long(), minlength=das.num_classes)
+        labels = labels.long()
+        # images per class in the batch (index_add_, not bincount, which syncs with the host on CUDA)
+        m = torch.zeros_like(ptr).index_add_(0, labels, torch.ones_like(labels))
         advance = torch.remainder(ptr - ptr_before, z)
         pushed = torch.where(m * (m - 1) >= z, torch.full_like(advance, z), advance)
         slots = torch.arange(z, device=ptr.device)
         back = torch.remainder(ptr.unsqueeze(1) - 1 - slots.unsqueeze(0), z)  # 0 = newest slot
         self._written = torch.where(back < pushed.unsqueeze(1), self._step, self._written)
-        filled = das.bank_filled.index_select(0, labels.long())
+        self._last = (das, labels)
+
+    @property
+    def _age(self) -> torch.Tensor | None:
+        """Mean age (steps) of the filled bank rows of the last tracked batch's classes; computed
+        only when a measured step asks for it, not on every training step."""
+        if self._last is None or self._written is None:
+            return None
+        das, labels = self._last
+        slots = torch.arange(das.bank_size, device=labels.device)
+        filled = das.bank_filled.index_select(0, labels)
         valid = slots.unsqueeze(0) < filled.unsqueeze(1)
-        age = (self._step - self._written.index_select(0, labels.long())).float()
-        self._age = (age * valid).sum() / valid.sum().clamp_min(1)
+        age = (self._step - self._written.index_select(0, labels)).float()
+        return (age * valid).sum() / valid.sum().clamp_min(1)
 
     # -- one measured step ------------------------------------------------------------------
     def measure(
