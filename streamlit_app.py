@@ -11,7 +11,9 @@ PAGES = [
     st.Page("app/pages/das_internals.py", title="DAS internals", icon="🔬"),
     st.Page("app/pages/retrieve.py", title="Retrieve", icon="🔎"),
     st.Page("app/pages/train.py", title="Train", icon="🏋️"),
+    st.Page("app/pages/sweeps.py", title="Sweeps", icon="🎯"),
     st.Page("app/pages/compare.py", title="Compare", icon="📊"),
+    st.Page("app/pages/timeline.py", title="Timeline", icon="🎞️"),
 ]
 
 try:

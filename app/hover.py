@@ -2,7 +2,7 @@
 
 Plotly's hover labels cannot show images, and Streamlit sends no hover events to Python. This
 small ``st.components.v2`` component runs in the page, finds the Plotly graphs whose layout
-carries ``meta.thumbs`` (sprite-sheet geometry from ``das_core.thumbs``), and on
+carries ``meta.thumbs`` (sprite-sheet geometry from ``das_core.explorer.thumbs``), and on
 ``plotly_hover`` shows the hovered item's thumbnail, cut out of a sprite sheet served by
 Streamlit's static file server, with its trace's name and index (Plotly's own label is hidden
 while it shows). ``customdata[0]`` of a point is the item's index in the split; produced points

@@ -36,6 +36,15 @@ def is_many(n_classes: int) -> bool:
     return n_classes > MAX_LEGEND_CLASSES
 
 
+# The ``meta`` of a map's produced-point traces, by which the browser finds the traces to fill in.
+LINKS_SLOT = "produced-links"
+
+
+def produced_slot(c: int) -> str:
+    """The ``meta`` of the trace of the points produced from class ``c``."""
+    return f"produced-{int(c)}"
+
+
 def _base_layout(fig: go.Figure, *, height: int, uirevision: str, thumbs: dict[str, Any] | None) -> go.Figure:
     fig.update_layout(
         height=height,
@@ -85,6 +94,7 @@ def embedding_map(
     title: str | None = None,
     point_size: float = 4.0,
     highlight_classes: Sequence[int] | None = None,
+    produced_slots: Sequence[int] | None = None,
 ) -> go.Figure:
     """Real points (one WebGL trace per class, ``customdata = [index in split]``), produced
     points ``(coords, labels, anchor ids, round)`` with their own marker and optional links to
@@ -93,7 +103,12 @@ def embedding_map(
 
     With more than ``MAX_LEGEND_CLASSES`` classes, the real points form one trace ("all
     classes", a colour per class, the class name in each point's hover label, no legend entry)
-    and only ``highlight_classes`` get a trace and legend entry of their own, drawn on top."""
+    and only ``highlight_classes`` get a trace and legend entry of their own, drawn on top.
+
+    ``produced_slots`` (instead of ``produced``): the classes DAS may produce from, each given an
+    empty produced trace (``meta`` :func:`produced_slot`, plus :data:`LINKS_SLOT` for the links when
+    ``show_links``) that the browser fills in (``app.produced_layer``), so that the figure, and
+    what is sent for it, does not change when only the produced points do."""
     fig = go.Figure()
     present = np.unique(labels)
     many = is_many(len(present))
@@ -121,21 +136,33 @@ def embedding_map(
                 hovertemplate="%{fullData.name} · #%{customdata[0]}<extra></extra>",
             )
         )
+    if produced is None and produced_slots is not None:
+        empty = np.zeros(0, dtype=np.float32)
+        produced = (np.zeros((0, 2), np.float32), empty.astype(np.int64), empty.astype(np.int64),
+                    empty.astype(np.int64))
+        slots: list[int] | None = sorted({int(c) for c in produced_slots})
+        if many and len(slots) > MAX_LEGEND_CLASSES:
+            raise ValueError(f"at most {MAX_LEGEND_CLASSES} produced classes can have slots of their own, "
+                             f"not {len(slots)}")
+    else:
+        slots = None
     if produced is not None:
         p_xy, p_lab, p_anchor, p_round = produced
-        if show_links and anchor_coords is not None and len(p_xy):
+        if show_links and (slots is not None or (anchor_coords is not None and len(p_xy))):
             n = len(p_xy)
             lx = np.empty(3 * n, dtype=np.float64)
             ly = np.empty(3 * n, dtype=np.float64)
-            lx[0::3], lx[1::3], lx[2::3] = anchor_coords[:, 0], p_xy[:, 0], np.nan
-            ly[0::3], ly[1::3], ly[2::3] = anchor_coords[:, 1], p_xy[:, 1], np.nan
+            if n:
+                assert anchor_coords is not None
+                lx[0::3], lx[1::3], lx[2::3] = anchor_coords[:, 0], p_xy[:, 0], np.nan
+                ly[0::3], ly[1::3], ly[2::3] = anchor_coords[:, 1], p_xy[:, 1], np.nan
             fig.add_trace(
                 go.Scattergl(
-                    x=lx, y=ly, mode="lines", name="anchor → produced", hoverinfo="skip",
+                    x=lx, y=ly, mode="lines", name="anchor → produced", hoverinfo="skip", meta=LINKS_SLOT,
                     line={"width": 0.6, "color": "rgba(60,60,60,0.35)"},
                 )
             )
-        p_classes = [int(c) for c in np.unique(p_lab)]
+        p_classes = slots if slots is not None else [int(c) for c in np.unique(p_lab)]
         if many and len(p_classes) > MAX_LEGEND_CLASSES:  # one trace, the class in the hover label
             fig.add_trace(
                 go.Scattergl(
@@ -161,6 +188,7 @@ def embedding_map(
                     mode="markers",
                     name=f"produced · {class_names[c]}",
                     legendgroup=f"c{c}",
+                    meta=produced_slot(c),
                     marker={
                         "size": point_size + 4,
                         "color": colour,

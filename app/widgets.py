@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import streamlit as st
@@ -13,7 +14,7 @@ import streamlit as st
 from app import state
 
 if TYPE_CHECKING:
-    from das_core.checkpoint import Checkpoint
+    from das_core.store.checkpoint import Checkpoint
 
 log = logging.getLogger("das_explorer.app")
 
@@ -45,8 +46,8 @@ def guard(what: str) -> Iterator[None]:
 
 
 def _upload_box() -> None:
-    from das_core.checkpoint import CheckpointError
-    from das_core.uploads import store_checkpoint_upload
+    from das_core.store.checkpoint import CheckpointError
+    from das_core.store.uploads import store_checkpoint_upload
 
     up = st.file_uploader("Upload a .safetensors checkpoint", type=None, key="ckpt_upload",
                           help="Only DAS Explorer checkpoints (.safetensors) are kept; pickles are refused.")
@@ -67,16 +68,47 @@ def _upload_box() -> None:
     st.success(f"Uploaded {up.name}")
 
 
+def _embeddings_box() -> None:
+    """Open an embeddings file that das_core did not make: an upload, or a path on the server
+    (inside the folders the app may read)."""
+    from das_core.store.external import EmbeddingsFileError
+    from das_core.store.uploads import store_embeddings_upload
+
+    st.caption(".npz (arrays embeddings, labels; optional class_names, paths, checkpoint) or Parquet "
+               "(a vector column and a label column; optional class_name, path).")
+    up = st.file_uploader("Upload an embeddings file", type=["npz", "parquet"], key="byo_upload")
+    if up is not None and st.session_state.get("byo_upload_done") != up.file_id:
+        st.session_state["byo_upload_done"] = up.file_id
+        try:
+            st.session_state["ckpt_path"] = str(store_embeddings_upload(state.upload_dir(), up.name, up.getvalue()))
+            st.success(f"Opened {up.name}")
+        except EmbeddingsFileError as exc:
+            st.error(f"This file cannot be opened: {exc}")
+    path = st.text_input("…or its path on this server", key="byo_path", placeholder="/data/my-embeddings.npz")
+    if st.button("Open", key="byo_open", disabled=not path.strip()):
+        try:
+            st.session_state["ckpt_path"] = state.open_embeddings_path(path)
+        except EmbeddingsFileError as exc:
+            st.error(f"This file cannot be opened: {exc}")
+        except OSError as exc:
+            st.error(f"This file cannot be opened: {exc.strerror or exc}")
+
+
 def checkpoint_picker(key: str = "ckpt_path", label: str = "Checkpoint", *, sidebar: bool = True,
-                      upload: bool = True) -> Checkpoint:
+                      upload: bool = True, external: bool = False) -> Checkpoint:
     """Pick a checkpoint (demo, run, upload) and return it loaded; stops the page with a message
-    when there is none or it cannot be read (e.g. a run folder deleted under the app's feet)."""
+    when there is none or it cannot be read (e.g. a run folder deleted under the app's feet).
+    With ``external`` an embeddings file (``das_core.store.external.EmbeddingsFile``) can be
+    opened and picked too; it stands in for a checkpoint (``state.is_external`` tells)."""
     where = st.sidebar if sidebar else st.container()
     with where:
         if upload:
             with st.expander("Upload a checkpoint"):
                 _upload_box()
-        choices = state.checkpoint_choices()
+        if external:
+            with st.expander("Open an embeddings file"):
+                _embeddings_box()
+        choices = state.checkpoint_choices(external=external)
         if not choices:
             st.warning("No checkpoint yet: run `make demo-model`, or train one on the Train page.")
             st.stop()
@@ -89,10 +121,14 @@ def checkpoint_picker(key: str = "ckpt_path", label: str = "Checkpoint", *, side
         labels = {c.path: c.label for c in choices}
         path = st.selectbox(label, paths, key=key, format_func=lambda p: labels.get(p, p))
     with guard(f"Opening {labels.get(path, path)}"):
-        return state.load_checkpoint(path)
+        return state.load_source(path) if external else state.load_checkpoint(path)
 
 
 def split_picker(ckpt: Checkpoint, key: str = "split", *, default: str = "train", sidebar: bool = True) -> str:
+    if state.is_external(ckpt):
+        from das_core.store.external import SPLIT
+
+        return SPLIT  # an embeddings file holds one set of items
     avail = state.splits(ckpt).available()
     names = {"train": "train (training classes)", "val": "validation", "test": "test (unseen classes)"}
     where = st.sidebar if sidebar else st.container()
@@ -102,6 +138,12 @@ def split_picker(ckpt: Checkpoint, key: str = "split", *, default: str = "train"
 
 
 def checkpoint_caption(ckpt: Checkpoint) -> str:
+    if state.is_external(ckpt):
+        ef: Any = ckpt
+        model = f"made by {Path(ef.checkpoint).name}" if ef.checkpoint else "no model named (query by item only)"
+        notes = "".join(f" · {n}" for n in ef.notes)
+        return (f"embeddings file {ef.name} · {len(ef):,} items · {ef.embeddings.shape[1]}-d · "
+                f"{len(ef.class_names):,} classes · {model}{notes}")
     c = ckpt.config
     das = "DAS on" if c.das else "no DAS"
     test = ckpt.metrics.get("test", {}) if isinstance(ckpt.metrics, dict) else {}

@@ -312,7 +312,7 @@ SERVER_ONLY_CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {root!r})
 from streamlit.testing.v1 import AppTest
-from das_core.demo import demo_checkpoint
+from das_core.store.demo import demo_checkpoint
 
 def page(path, **state):
     at = AppTest.from_file({app!r}, default_timeout=900)
@@ -363,8 +363,8 @@ def server_only(cache_dir: Path, runs_dir: Path, threads: int, repeats: int) -> 
 
 
 def demo_sprite_dirs() -> list[Path]:
-    from das_core.cache import file_key
-    from das_core.demo import available_demos
+    from das_core.store.cache import file_key
+    from das_core.store.demo import available_demos
 
     out = []
     for p in available_demos():
@@ -385,7 +385,7 @@ def main() -> None:
     why = chromium_missing()
     if why:
         sys.exit(f"bench_app: {why}")
-    from das_core.demo import demo_checkpoint
+    from das_core.store.demo import demo_checkpoint
 
     if not demo_checkpoint().is_file():
         sys.exit("bench_app: no demo checkpoint (make demo-model)")

@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 from bench.reference_das import ReferenceDAS  # noqa: E402
 from common import cpu_model  # noqa: E402
-from das_core.das import DenselyAnchoredSampling  # noqa: E402
+from das_core.training.das import DenselyAnchoredSampling  # noqa: E402
 
 TARGET_RATIO = 15.0
 

@@ -35,9 +35,9 @@ COMBOS = [
 def build(loss: str, miner: str, das: bool, cfg_extra: dict[str, Any], num_classes: int = 5) -> tuple[Any, Any, Any]:
     import torch
 
-    from das_core.config import TrainConfig
-    from das_core.losses import Criterion, build_criterion, build_das
     from das_core.models import build_model
+    from das_core.training.config import TrainConfig
+    from das_core.training.losses import Criterion, build_criterion, build_das
 
     pml = miner == "pml-semi-hard"
     cfg = TrainConfig.from_mapping({"loss": loss, "miner": "semi-hard" if pml else miner, "das": das, **cfg_extra})

@@ -80,8 +80,8 @@ def command(values: dict[str, Any]) -> str:
 
 
 def run_one(values: dict[str, Any], work: Path) -> dict[str, float]:
-    from das_core.config import TrainConfig
-    from das_core.training import train
+    from das_core.training.config import TrainConfig
+    from das_core.training.loop import train
 
     cfg = TrainConfig.from_mapping({**values, "out": str(work)})
     result = train(cfg, show_progress=False)

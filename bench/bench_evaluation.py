@@ -1,8 +1,8 @@
-"""Benchmark ``das_core.evaluation.evaluate_embeddings`` against pytorch-metric-learning.
+"""Benchmark ``das_core.retrieval.evaluation.evaluate_embeddings`` against pytorch-metric-learning.
 
     python bench/bench_evaluation.py            # 60,000 x 512, ~11k classes of 2-12 (SOP-like)
     python bench/bench_evaluation.py --quick    # 10,000 x 128, under a minute
-    python bench/bench_evaluation.py --knn-paths  # kNN path timings behind evaluation.FAISS_MAX_K
+    python bench/bench_evaluation.py --knn-paths  # kNN path timings behind knn.FAISS_MAX_K
 
 Issue requirement: on the SOP-like set, ``evaluate_embeddings`` stays under 3 GB peak memory and is
 at least 1.5x faster than ``AccuracyCalculator`` computing the same metrics, with agreeing values.
@@ -122,7 +122,7 @@ def machine() -> dict[str, Any]:
 
 
 def run_ours(x: np.ndarray, y: np.ndarray, threads: int) -> tuple[float, dict[str, float]]:
-    from das_core.evaluation import evaluate_embeddings
+    from das_core.retrieval.evaluation import evaluate_embeddings
 
     t0 = time.perf_counter()
     out = evaluate_embeddings(x, y, ks=(1,), device="cpu", num_threads=threads)
@@ -162,7 +162,7 @@ def child_memory(data_path: Path, threads: int) -> None:
     set_threads(threads)
     with np.load(data_path) as f:
         x, y = f["x"], f["y"]
-    import das_core.evaluation  # noqa: F401  (imports counted in the baseline)
+    import das_core.retrieval.evaluation  # noqa: F401  (imports counted in the baseline)
 
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -179,11 +179,10 @@ def child_memory(data_path: Path, threads: int) -> None:
 
 
 def knn_paths(threads: int, quick: bool) -> dict[str, Any]:
-    """Time the three exact kNN paths of evaluation.py at several k on a Fashion-like set
+    """Time the three exact kNN paths of knn.py at several k on a Fashion-like set
     (gallery = the 35,000 x 128 set; queries: a subset, extrapolated to all 35,000)."""
-    import torch
 
-    from das_core import evaluation as ev
+    from das_core.retrieval import knn
 
     set_threads(threads)
     x, _ = make_fashion_like()
@@ -199,18 +198,18 @@ def knn_paths(threads: int, quick: bool) -> dict[str, Any]:
         ):
             if name == "faiss" and k >= 7000 and quick:
                 continue
-            ev._TORCH_SELECT_ON_CPU = torch_select
+            knn._TORCH_SELECT_ON_CPU = torch_select
             try:
-                searcher = ev._Searcher(x, torch.device("cpu"), backend, threads)  # type: ignore[arg-type]
+                searcher = knn.ExactKnn(device="cpu", backend=backend).index(x)  # type: ignore[arg-type]
                 step = searcher.chunk_rows(k)
                 dt = float("inf")
                 for _ in range(2):  # best of two: the box is shared
                     t0 = time.perf_counter()
                     for s in range(0, n_q, step):
-                        searcher.search(x[rows[s : s + step]], k, rows[s : s + step])
+                        searcher.search_squared(x[rows[s : s + step]], k, rows[s : s + step])
                     dt = min(dt, time.perf_counter() - t0)
             finally:
-                ev._TORCH_SELECT_ON_CPU = False
+                knn._TORCH_SELECT_ON_CPU = False
             row[name + "_s_for_35k_queries"] = round(dt * x.shape[0] / n_q, 2)
         print(row, flush=True)
         out["rows"].append(row)

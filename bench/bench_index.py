@@ -43,7 +43,8 @@ if str(ROOT) not in sys.path:
 import faiss  # noqa: E402
 
 from common import cpu_model  # noqa: E402
-from das_core.index import RetrievalIndex, recall_at_k, search_exact  # noqa: E402
+from das_core.retrieval.index import RetrievalIndex, recall_at_k  # noqa: E402
+from das_core.retrieval.knn import L2_KNN  # noqa: E402
 
 TARGET_RECALL = 0.95
 TARGET_SPEEDUP = 10.0
@@ -189,7 +190,7 @@ def approx_case(n: int, dim: int, n_queries: int, threads: int, seed: int, hnsw:
     data = ClusteredData(dim, max(10, n // 100), seed + 1)
     (x, labels), (queries, query_labels) = data.sample(n), data.sample(n_queries)
     t0 = time.perf_counter()
-    truth = search_exact(x, queries, K)[1]
+    truth = L2_KNN(queries, x, K)[1]
     print(f"  ground truth in {time.perf_counter() - t0:.1f} s", flush=True)
     # How separable the data is: the share of exact neighbours in the query's class.
     purity = {"R@1": round(float((labels[truth[:, 0]] == query_labels).mean()), 3)}

@@ -1,9 +1,9 @@
-"""Issue 9: the dense multi-similarity miner + loss (das_core/ms_dense.py) vs PML's on the CPU.
+"""Issue 9: the dense multi-similarity miner + loss (das_core/training/ms_dense.py) vs PML's on the CPU.
 
 The criterion's forward and backward (mining, loss) on fixed L2-normalised float32
 embeddings, timed for both implementations in the same process, interleaved, on batches the
 size of a plain and a DAS-enlarged (1 + T = 4) batch of 112. Ratio = dense / PML (< 1: the
-dense one is faster). Decides ``das_core.losses.DENSE_MS_ON_CPU``; on CUDA the dense one is
+dense one is faster). Decides ``das_core.training.losses.DENSE_MS_ON_CPU``; on CUDA the dense one is
 always used (it saves the host synchronisations, which a CPU run does not have).
 
     python bench/bench_ms_dense.py [--quick] [--threads 1]
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from pytorch_metric_learning.losses import MultiSimilarityLoss
     from pytorch_metric_learning.miners import MultiSimilarityMiner
 
-    from das_core.ms_dense import dense_multi_similarity
+    from das_core.training.ms_dense import dense_multi_similarity
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true")

@@ -22,12 +22,12 @@ def pml_loop(epochs: int, seed: int) -> dict[str, float]:
     import torch
     from pytorch_metric_learning import losses, miners, samplers
 
-    from das_core.config import TrainConfig
     from das_core.data import load_splits
     from das_core.data.base import uint8_batch
-    from das_core.embed import embed_dataset
-    from das_core.evaluation import evaluate_embeddings
     from das_core.models import build_model
+    from das_core.models.embed import embed_dataset
+    from das_core.retrieval.evaluation import evaluate_embeddings
+    from das_core.training.config import TrainConfig
 
     cfg = TrainConfig.from_mapping({"dataset": "fashion-mnist", "seed": seed})
     splits = load_splits("fashion-mnist")
@@ -56,8 +56,8 @@ def pml_loop(epochs: int, seed: int) -> dict[str, float]:
 
 
 def ours(epochs: int, seed: int, out: str) -> dict[str, float]:
-    from das_core.presets import get_preset
-    from das_core.training import train
+    from das_core.training.loop import train
+    from das_core.training.presets import get_preset
 
     cfg = get_preset("cpu-demo").config(das=False, val_fraction=0.0, epochs=epochs, seed=seed, out=out, device="cpu")
     result = train(cfg, show_progress=False)

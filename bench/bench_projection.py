@@ -46,8 +46,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common import cpu_model  # noqa: E402
-from das_core import projection  # noqa: E402
-from das_core.projection import DEFAULT_MAX_FIT, fit_map, joint_map, knn_search, map_placer, place_points  # noqa: E402
+from das_core.explorer import umap_fit  # noqa: E402
+from das_core.explorer.umap_fit import (  # noqa: E402
+    DEFAULT_MAX_FIT,
+    MapParams,
+    fit_map,
+    joint_map,
+    map_placer,
+    place_points,
+)
+from das_core.retrieval.knn import EXPLORER_KNN  # noqa: E402
 
 DIM = 128
 N_PRODUCED = 1000
@@ -61,7 +69,7 @@ def machine() -> dict[str, Any]:
         "threads": {
             k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
         },
-        "versions": projection.library_versions(),
+        "versions": umap_fit.library_versions(),
         "load_average": list(os.getloadavg()),
     }
 
@@ -84,7 +92,7 @@ def produced_points(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[np.nda
     state computed over the split."""
     import torch
 
-    from das_core.analysis import compute_das_state, select_anchors
+    from das_core.explorer.analysis import compute_das_state, select_anchors
 
     classes = int(y.max()) + 1
     das = compute_das_state(x, y, classes, batch_size=100, samples_per_class=20, num_batches=50, seed=seed)
@@ -110,7 +118,7 @@ def label_agreement(coords: np.ndarray, labels: np.ndarray, k: int = 10, sample:
     """Share of the k nearest map neighbours with the same label (map quality, on a sample)."""
     rng = np.random.default_rng(0)
     q = rng.choice(len(coords), size=min(sample, len(coords)), replace=False)
-    _, idx = knn_search(coords[q], coords, k + 1)
+    _, idx = EXPLORER_KNN(coords[q], coords, k + 1)
     return float((labels[idx[:, 1:]] == labels[q, None]).mean())
 
 
@@ -122,12 +130,12 @@ max_fit = int(sys.argv[2])
 embed_threads = int(sys.argv[3])
 out = {"embed_threads": embed_threads}
 import numpy as np
-from das_core.projection import fit_map
+from das_core.explorer.umap_fit import MapParams, fit_map
 try:
     from das_core.data import load_splits
-    from das_core.embed import embed_dataset
+    from das_core.models.embed import embed_dataset
     from das_core.models import build_model
-    from das_core.presets import get_preset
+    from das_core.training.presets import get_preset
     t = time.perf_counter()
     split = load_splits("fashion-mnist").test
     out["load_split_s"] = time.perf_counter() - t
@@ -149,10 +157,10 @@ except Exception as exc:  # no Fashion-MNIST here: time the map alone on synthet
 t = time.perf_counter()
 import umap  # noqa: F401
 out["import_umap_s"] = time.perf_counter() - t
-from das_core.projection import warm_up
+from das_core.explorer.umap_fit import warm_up
 out["compile_s"] = warm_up()  # numba compilation of umap's layout, on a tiny fit
 t = time.perf_counter()
-res = fit_map(emb, labels=labels, max_fit=max_fit)
+res = fit_map(emb, labels=labels, params=MapParams(max_fit=max_fit))
 out["fit_map_s"] = time.perf_counter() - t
 out["fitted"] = res.n_fitted
 out["total_cold_s"] = time.perf_counter() - t0
@@ -181,12 +189,12 @@ def cold_demo(max_fit: int, embed_threads: int) -> dict[str, Any]:
 
 def size_run(n: int, max_fit: int, *, refit_max_fit: int, seed: int = 0) -> dict[str, Any]:
     x, y = synthetic(n, seed=seed)
-    fit_s, res = timed(fit_map, x, labels=y, max_fit=max_fit, seed=seed)
+    fit_s, res = timed(fit_map, x, labels=y, params=MapParams(max_fit=max_fit), seed=seed)
     prod, prod_y, _ = produced_points(x, y, seed=seed)
     # placement as the app does it: into the fitted points (index built, then placed)
     place_s, _ = timed(lambda: map_placer(res, x)(prod), repeat=5)
     place_all_s, _ = timed(place_points, res.coords, x, prod, repeat=3)
-    refit_s, _ = timed(joint_map, x, prod, labels=y, max_fit=refit_max_fit, seed=seed)
+    refit_s, _ = timed(joint_map, x, prod, labels=y, params=MapParams(max_fit=refit_max_fit), seed=seed)
     return {
         "points": n,
         "max_fit": max_fit,
@@ -223,7 +231,13 @@ def slider_move(n: int = 35000) -> dict[str, Any]:
     """One slider move on a demo-sized map: produce, place, gap fill, honesty."""
     import torch
 
-    from das_core.analysis import compute_das_state, gap_fill, gap_reference, produced_honesty, select_anchors
+    from das_core.explorer.analysis import (
+        compute_das_state,
+        gap_fill,
+        gap_reference,
+        produced_honesty,
+        select_anchors,
+    )
 
     x, y = synthetic(n, seed=2)
     res = fit_map(x, labels=y, seed=0)
@@ -273,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         result["cold_demo"] = cold_demo(DEFAULT_MAX_FIT, args.embed_threads)
         print(" ", result["cold_demo"], flush=True)
     print("warm-up (numba compilation) ...", flush=True)
-    result["warm_up_s"] = round(projection.warm_up(), 2)
+    result["warm_up_s"] = round(umap_fit.warm_up(), 2)
     sizes = [10_000] if args.quick else [10_000, 50_000, 200_000]
     result["sizes"] = []
     for n in sizes:

@@ -2,8 +2,8 @@
 
 "The authors' DAS" is the per-sample loop port ``bench/reference_das.py`` with the authors'
 bank-overflow behaviour (``bank_overflow="authors"``, their ``MemoryBank.enqueue_dequeue``);
-"ours" is ``das_core.das.DenselyAnchoredSampling`` with ``das_bank_overflow=authors``. Both run
-inside ``das_core.training.train`` on the embedded split (Fashion-MNIST 0-4 train / 5-9 test,
+"ours" is ``das_core.training.das.DenselyAnchoredSampling`` with ``das_bank_overflow=authors``. Both run
+inside ``das_core.training.loop.train`` on the embedded split (Fashion-MNIST 0-4 train / 5-9 test,
 small CNN) with the authors' recipe options: batches of 56 draws x 2 with replacement (so every
 class brings far more than Z pairs and the overflow branch fires every step), squared triplet
 loss averaged over all triplets, distance-weighted mining, lr x 0.3 after epoch 1.
@@ -38,7 +38,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def recipe(seed: int, epochs: int, out: str, steps: int | None = None) -> Any:
-    from das_core.presets import get_preset
+    from das_core.training.presets import get_preset
 
     return get_preset("cpu-demo").config(
         das=True,
@@ -73,12 +73,12 @@ def lockstep(cfg: Any, steps: int) -> dict[str, Any]:
     """Feed the trainer's first ``steps`` batches (embedded by its initial network) to both."""
     import torch
 
-    from das_core.data import MPerClassBatchSampler, load_splits
+    from das_core.data import MPerClassBatchSampler
     from das_core.data.base import uint8_batch
-    from das_core.losses import build_das
     from das_core.models import build_model
+    from das_core.training.losses import build_das
 
-    splits = load_splits(cfg.dataset, cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    splits = cfg.split_spec().load()  # the trainer's splits (the same config → splits mapping)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).eval()
     sampler = MPerClassBatchSampler(
@@ -109,8 +109,8 @@ def lockstep(cfg: Any, steps: int) -> dict[str, Any]:
 
 
 def train_once(cfg: Any, use_authors: bool) -> dict[str, float]:
-    import das_core.training as training
-    from das_core.losses import build_criterion
+    import das_core.training.loop as training
+    from das_core.training.losses import build_criterion
 
     def with_authors_das(c: Any, num_classes: int) -> Any:
         import torch

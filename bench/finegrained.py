@@ -2,7 +2,7 @@
 (``bench_das_finegrained.py``, partial fine-tune on cached activations) and the GPU script
 (``gpu_finegrained.py``, full fine-tune).
 
-Why a loop here and not ``das_core.training.train``: the trainer builds its network from
+Why a loop here and not ``das_core.training.loop.train``: the trainer builds its network from
 ``--backbone`` and reads images through ``--dataset``; the CPU setting trains only the last
 stage of EfficientNet-Lite0 on activations cached once, which it cannot take without a new
 dataset + backbone kind. This loop is the trainer's step stripped down and calls das_core's
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from das_core.config import TrainConfig
 from das_core.data import MPerClassBatchSampler
-from das_core.diagnostics import DASDiagnostics, weight_norms
-from das_core.evaluation import evaluate_embeddings
-from das_core.losses import build_criterion
-from das_core.training import _optimizer, epoch_seed
+from das_core.retrieval.evaluation import evaluate_embeddings
+from das_core.training.config import TrainConfig
+from das_core.training.diagnostics import DASDiagnostics, weight_norms
+from das_core.training.loop import _optimizer, epoch_seed
+from das_core.training.losses import build_criterion
 
 # Each benchmark cell: config overrides on top of the recipe.
 LOSSES: dict[str, dict[str, Any]] = {

@@ -14,7 +14,9 @@ names a file, else ``bench/results/gpu_check.json``):
    DAS's share of the step; also the criterion (DAS + miner + loss, forward and backward),
    the criterion without DAS (dense multi-similarity, and PML's miner + loss for reference),
    the optimiser step alone, and the host synchronisations of one step and of one criterion
-   call (``torch.cuda.set_sync_debug_mode("warn")`` warnings).
+   call (``torch.cuda.set_sync_debug_mode("warn")`` warnings);
+4. the triplet criterion with a batch miner and DAS (semi-hard and distance-weighted, both
+   triplet forms): the dense, sync-free path against the index lists, ms and host syncs.
 
 Without CUDA it prints "no CUDA: skipped", writes that and exits 0. A part whose package is
 missing (pytest, hypothesis, torchvision, pytorch-metric-learning) is skipped with the
@@ -46,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from das_core.das import DenselyAnchoredSampling  # noqa: E402
+from das_core.training.das import DenselyAnchoredSampling  # noqa: E402
 
 PAPER = {"num_classes": 100, "dim": 512, "num_produce": 3, "topk": 4, "bank_size": 10}
 DAS_CASES = [
@@ -185,7 +187,7 @@ def das_case(name: str, b: int, c: int, dev: torch.device, iters: int) -> dict[s
 COMPILE_SNIPPET = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
-from das_core.das import DenselyAnchoredSampling
+from das_core.training.das import DenselyAnchoredSampling
 dev = torch.device("cuda")
 das = DenselyAnchoredSampling(100, 512).to(dev)
 das.cuda_graphs = False
@@ -254,9 +256,9 @@ def resnet_step(dev: torch.device, steps: int, batch: int = 112, size: int = 224
     lacking = missing("torchvision", "pytorch_metric_learning", "PIL")
     if lacking:
         return {"skipped": f"needs {', '.join(lacking)}"}
-    from das_core.config import TrainConfig
-    from das_core.losses import build_criterion
     from das_core.models import build_model
+    from das_core.training.config import TrainConfig
+    from das_core.training.losses import build_criterion
 
     cuda = dev.type == "cuda"
     torch.backends.cudnn.benchmark = True
@@ -268,7 +270,7 @@ def resnet_step(dev: torch.device, steps: int, batch: int = 112, size: int = 224
     model = build_model(cfg).to(dev).to(memory_format=torch.channels_last)
     crit = build_criterion(cfg, 100).to(dev)
     params = list(model.parameters()) + list(crit.parameters())
-    opt = torch.optim.Adam(params, lr=1e-5, fused=True if cuda else None)  # as das_core.training
+    opt = torch.optim.Adam(params, lr=1e-5, fused=True if cuda else None)  # as das_core.training.loop
     prep = model.preprocessing.with_size(size) if size != 224 else model.preprocessing
     amp = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
     raw = torch.randint(0, 256, (batch, 3, raw_size, raw_size), dtype=torch.uint8, device=dev)
@@ -304,7 +306,7 @@ def resnet_step(dev: torch.device, steps: int, batch: int = 112, size: int = 224
     def das_only() -> None:
         das(emb_fixed, labels)
 
-    from das_core.losses import Criterion
+    from das_core.training.losses import Criterion
 
     plain = Criterion(crit.loss, crit.miner, None)  # the same miner and loss, without DAS
 
@@ -355,6 +357,40 @@ def resnet_step(dev: torch.device, steps: int, batch: int = 112, size: int = 224
     return res
 
 
+def triplet_criterion(dev: torch.device, iters: int, batch: int = 112, dim: int = 512) -> dict[str, Any]:
+    """The triplet criterion with a batch miner and DAS (T = 3) on fixed embeddings, forward and
+    backward: the dense, sync-free path (das_core/training/triplet_dense.py) against the index
+    lists it replaced (the miner's boolean-indexed triplets into PML's loss), ms per call and
+    host synchronisations per call."""
+    import das_core.training.losses as losses
+    from das_core.training.config import TrainConfig
+
+    labels = torch.arange(batch // 2, device=dev).repeat_interleave(2)
+    emb = torch.nn.functional.normalize(torch.randn(batch, dim, device=dev), dim=1)
+    res: dict[str, Any] = {}
+    for miner, form in (("semi-hard", "plain"), ("distance-weighted", "plain"), ("semi-hard", "squared")):
+        cfg = TrainConfig.from_mapping({"loss": "triplet", "miner": miner, "triplet_form": form, "embedding_dim": dim,
+                                        "das": True, "das_num_produce": 3})
+        crit = losses.build_criterion(cfg, batch // 2).to(dev)
+
+        def call(crit: Any = crit) -> None:
+            crit(emb.clone().requires_grad_(), labels).backward()
+
+        row: dict[str, Any] = {}
+        saved = losses.DENSE_TRIPLET_ON_CPU
+        for name, dense in (("dense", crit.dense_triplet), ("index_lists", None)):
+            crit.dense_triplet = dense
+            losses.DENSE_TRIPLET_ON_CPU = dense is not None
+            row[f"ms_{name}"] = time_per_call(call, dev, iters)
+            row[f"host_syncs_{name}"] = count_host_syncs(call, dev)
+        losses.DENSE_TRIPLET_ON_CPU = saved
+        key = f"{miner} {form}"
+        res[key] = row
+        print(f"  triplet criterion + DAS, {key}: dense {row['ms_dense']:.2f} ms ({row['host_syncs_dense']} host syncs), "
+              f"index lists {row['ms_index_lists']:.2f} ms ({row['host_syncs_index_lists']} host syncs)")
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
@@ -397,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
             box.update(resnet_step(dev, steps=1, batch=4, size=64, raw_size=72))
         else:
             box.update(resnet_step(dev, steps=10 if args.quick else 30))
+
+    with section(results, "triplet_criterion", "Triplet criterion + DAS, B=112, d=512: dense vs index lists") as box:
+        box.update(triplet_criterion(dev, iters=2 if args.cpu_dry_run else 50, batch=16 if args.cpu_dry_run else 112,
+                                     dim=32 if args.cpu_dry_run else 512))
 
     failed |= any("error" in v for v in results.values() if isinstance(v, dict))
     results["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -140,8 +140,8 @@ def run_job(name: str, seed: int, args: argparse.Namespace, deadline: float, out
     import torch.nn.functional as F
     from finegrained import train_embedding
 
-    from das_core.config import TrainConfig
     from das_core.models import build_model
+    from das_core.training.config import TrainConfig
 
     allow_cpu = args.allow_cpu and not torch.cuda.is_available()
     device = torch.device("cpu" if allow_cpu else "cuda")

@@ -3,7 +3,7 @@
 Written from ``/work/shared/method-notes.md`` in the style of the authors' code:
 Python loops over samples and pairs, ``.item()`` calls, one list-based FIFO
 (``collections.deque(maxlen=Z)``) per class. It is the test oracle of the
-deterministic parts of ``das_core.das.DenselyAnchoredSampling`` (frequency
+deterministic parts of ``das_core.training.das.DenselyAnchoredSampling`` (frequency
 recorder, mask, bank contents) and the speed reference of ``bench/bench_das.py``.
 It is not used by the library. Its random draws are not in the same order as the
 vectorised module's, so produced rows agree only in distribution.

@@ -4,6 +4,7 @@ reference measured in the same run, or a size/time against the issue's target)."
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from common import RESULTS
@@ -38,6 +39,15 @@ def speed_table(machine: dict[str, Any]) -> str:
             f"(scores every positive pair) up to {s['worst_ratio_ours']:.2f}× at 20 per class, ≤ 1.41× at 2 per class"
             + (f"; PML's off-the-shelf semi-hard miner: {pml['ratio']:.2f}×" if pml else ""),
             "≤ 1.5×", _yes(s.get("passed_except_pddm_at_20_per_class")) + " (PDDM at 20/class: no)",
+        ))
+    t = _load("triplet_dense")
+    if t:
+        ratios = [r["ratio_dense_over_index_lists"] for r in t["rows"]]
+        geo = math.prod(ratios) ** (1 / len(ratios))
+        rows.append((
+            "sync-free triplet criterion / index lists (CPU, 1 thread; 4 batch miners, N = 112 and 448, fwd+bwd)",
+            f"**{geo:.2f}×** geometric mean ({min(ratios):.2f}–{max(ratios):.2f}×); same value and gradient to the bit",
+            "≤ 1× (CPU not slower)", _yes(geo <= 1.0),
         ))
     e = _load("evaluation")
     if e:
@@ -95,6 +105,22 @@ def speed_table(machine: dict[str, Any]) -> str:
                 _yes(so["explore_new_session_median_s"] <= 2 and so["slider_rerun_median_s"] <= 1
                      and so["retrieve_rerun_median_s"] <= 1),
             ))
+    sl = _load("app_slider")  # tests/test_browser_slider.py with DAS_SLIDER_RESULT=bench/results/app_slider.json
+    if sl:
+        when = f"{sl['machine']['date']}, load {sl['machine']['load_average'][0]:.1f}"
+        was = sl.get("before_this_change")
+        rows.append((
+            "app: bytes sent per slider move / first draw of the demo map (new session; real points sent once)",
+            f"{sl['max_move_bytes'] / 1e3:,.1f} kB / {sl['first_draw_bytes'] / 1e3:,.0f} kB = "
+            f"**{100 * sl['ratio']:.1f} %**" + (f" (before: {100 * was['ratio']:.0f} %)" if was else "") + f"; {when}",
+            "≤ 10 %", _yes(sl["ratio"] <= 0.10),
+        ))
+        rows.append(("app: slider move → produced points redrawn, after that change (in Chromium)",
+                     f"{sl['median_move_s']:.2f} s" + (f" (before: {was['median_move_s']:.2f} s)" if was else "")
+                     + f"; {when}", "≤ 1 s", _yes(sl["median_move_s"] <= 1)))
+        rows.append(("app: demo map in a new browser session, after that change (in Chromium)",
+                     f"{sl['first_map_s']:.2f} s" + (f" (before: {was['first_map_s']:.2f} s)" if was else "")
+                     + f"; {when}", "≤ 2 s", _yes(sl["first_map_s"] <= 2)))
     rows += _gpu_rows(_load("gpu_check"), _load("gpu"))
     lines = ["| benchmark | result | target | met |", "|---|---|---|---|"]
     lines += [f"| {a_} | {b} | {c} | {d_} |" for a_, b, c, d_ in rows]

@@ -1,7 +1,21 @@
 """DAS Explorer: Densely-Anchored Sampling for deep metric learning.
 
-The library half of DAS Explorer: datasets, models, losses and miners, DAS and
-PDDM, training, evaluation and checkpoints. It never imports streamlit.
+The library half of DAS Explorer. Data flows one way, and the subpackages follow it::
+
+    data        datasets, splits, images  ──▶  models     backbones, preprocessing, embed
+                                                   │
+    training    config, losses, miners, DAS, PDDM, loop  (trains the model)
+                                                   │ embeddings
+                                                   ▼
+    retrieval   exact kNN, metrics, index, query   explorer   maps, DAS analysis, pages' views
+                                                   │
+    store       checkpoints, run folders, caches, jobs, uploads  (what any step keeps on disk)
+                                                   ▼
+    app/        the Streamlit pages (outside this package; it only draws what das_core returns)
+
+It never imports streamlit. ``cli`` is the command line (``python -m das_core``); ``errors``
+lists every error a user can meet; ``runtime`` is the one device and thread policy and
+``arrays`` the one check of input arrays, both used by every step. See ARCHITECTURE.md for the same picture in more words.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``python -m das_core``: train, evaluate, inspect checkpoints, fetch datasets.
 
-The ``train`` flags are generated from ``das_core.config.TrainConfig``: one declaration per
+The ``train`` flags are generated from ``das_core.training.config.TrainConfig``: one declaration per
 option serves the flags, the YAML config file and the app's Train form.
 """
 
@@ -15,7 +15,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from das_core.config import ConfigError, TrainConfig, load_config_file
+from das_core.training.config import ConfigError, TrainConfig, load_config_file
+from das_core.training.ranges import BY_FIELD as DAS_RANGE_FIELDS
 
 # Short aliases for the paper's symbols.
 ALIASES = {
@@ -48,6 +49,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         names = [flag, *ALIASES.get(f.name, [])]
         default = getattr(defaults, f.name)
         help_text = f"{rule.help} (default: {default})"
+        if f.name in DAS_RANGE_FIELDS:  # the range of das_core.training.ranges, as the config checks it
+            help_text = f"{rule.help} ({DAS_RANGE_FIELDS[f.name].describe()}; default: {default})"
         hint = hints[f.name]
         optional = type(None) in typing.get_args(hint)
         base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
@@ -96,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then stop")
     add_config_flags(tr)
 
+    add_sweep_parser(sub)
+
     ev = sub.add_parser("evaluate", help="print the metrics of a checkpoint on its dataset")
     ev.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
@@ -126,14 +131,62 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (testing only)")
     build.add_argument("--dataset", default=None, help="rebuild only the demos on this dataset (e.g. emoji-styles)")
     demo_sub.add_parser("path", help="print the demo checkpoints' paths")
-    from das_core.jobs import add_jobs_parser
+    ex = sub.add_parser(
+        "export",
+        help="export a split's embeddings and map (Parquet, TensorBoard projector)",
+        description="Export the embeddings of a split, their UMAP map (the Explore page's) and the points DAS "
+        "produces, as a Parquet file (pandas, FiftyOne, Embedding Atlas) or TensorBoard projector files.",
+    )
+    ex.add_argument("source", help="a .safetensors checkpoint, a run folder, or an embeddings file (.npz, .parquet)")
+    ex.add_argument("--split", default="test", choices=("train", "val", "test"),
+                    help="the split to export (an embeddings file has one set: ignored)")
+    ex.add_argument("--format", dest="fmt", required=True, choices=("tensorboard", "parquet"))
+    ex.add_argument("--out", required=True, help="output folder (created)")
+    ex.add_argument("--das-anchors", type=int, default=50,
+                    help="real points per class that DAS produces from (0: no DAS points; default 50, as Explore)")
+    ex.add_argument("--r-s", type=float, default=None, help="r_s for the DAS points (default: the source's)")
+    ex.add_argument("--r-b", type=float, default=None, help="r_b for the DAS points (default: the source's)")
+    ex.add_argument("--data-root", default=None, help="dataset folder, if not where the run found it")
+    ex.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    from das_core.store.jobs import add_jobs_parser
 
     add_jobs_parser(sub)
     return parser
 
 
+def add_sweep_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sw = sub.add_parser(
+        "sweep",
+        help="search r_s, r_b (or any option) with Optuna; each trial is a run folder",
+        description="Search training options with Optuna. The base config comes from the defaults, then "
+        "--preset, then --config FILE, then the flags given; --param names what is searched. The study is a "
+        "SQLite file in --out: run the same command again (or `sweep --out DIR` alone), in as many processes "
+        "or machines sharing the folder as you like, to resume it or add workers.",
+        epilog="examples: --param r_s=0.001:0.3 (a range)  --param r_b=0.001:1:log (log scale)  "
+        "--param T=1,3,5 (values; the grid sampler takes values only)",
+    )
+    sw.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=SPEC",
+                    help="an option to search: NAME=LOW:HIGH, NAME=LOW:HIGH:log or NAME=V1,V2,...; NAME is a "
+                    "training option or r_s, r_b, T, K, Z (repeat the flag for each option)")
+    sw.add_argument("--sampler", default=None, choices=("grid", "tpe"), help="grid (every combination of the values) "
+                    "or tpe (Optuna's Tree-structured Parzen Estimator; default)")
+    sw.add_argument("--trials", type=int, default=None, help="finished trials the study should hold, all workers "
+                    "together (default: the grid's size, or 20 for tpe)")
+    sw.add_argument("--worker-trials", type=int, default=None, help="this process runs at most this many trials "
+                    "(default: until the study has --trials)")
+    sw.add_argument("--metric", default=None, help="what scores a trial, from its summary.json: SPLIT.METRIC, e.g. "
+                    "val.R@1 (default; needs --val-fraction or --val-classes) or test.MAP@R")
+    sw.add_argument("--direction", default=None, choices=("maximize", "minimize"), help="default: maximize")
+    sw.add_argument("--sampler-seed", type=int, default=None, help="seed of the sampler (default: fresh)")
+    sw.add_argument("--config", dest="config_file", default=None, help="YAML file of the base config's options")
+    sw.add_argument("--preset", default=None, help="start the base config from a named preset")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bars (plain log lines only)")
+    sw.add_argument("--show", action="store_true", help="print the sweep in --out (trials, best) as JSON and stop")
+    add_config_flags(sw)
+
+
 def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
-    from das_core.presets import get_preset
+    from das_core.training.presets import get_preset
 
     values: dict[str, Any] = {}
     if args.preset:
@@ -154,7 +207,7 @@ def _print_table(rows: dict[str, dict[str, float]]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from das_core.training import resolve_resume_config, train
+    from das_core.training.loop import resolve_resume_config, train
 
     if args.resume:
         out = getattr(args, "out", None)
@@ -186,9 +239,10 @@ def _best_test_of_run(run_dir: Any) -> dict[str, Any] | None:
     """The clearly labelled best-test-epoch figure of a run folder's ``summary.json`` (or None)."""
     from pathlib import Path
 
-    from das_core.io import read_json_object
+    from das_core.store.io import read_json_object
+    from das_core.store.layout import RunLayout
 
-    summary = read_json_object(Path(run_dir) / "summary.json") or {}
+    summary = read_json_object(RunLayout(Path(run_dir)).summary) or {}
     best = summary.get("best_test_epoch")
     return best if isinstance(best, dict) else None
 
@@ -202,17 +256,76 @@ def _print_best_test(best: dict[str, Any] | None) -> None:
     )
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import signal
+    import time
+    from pathlib import Path
+
+    from das_core.store import sweeps
+    from das_core.store.runs import default_runs_root
+    from das_core.training.sweep import build_sweep, run_sweep
+
+    out = getattr(args, "out", None)
+    if args.show:
+        if not out:
+            raise ConfigError("out", None, "--show needs --out SWEEP_FOLDER")
+        print(sweeps.dumps(sweeps.load_sweep(out)))
+        return 0
+    names = set(TrainConfig.field_names()) - {"out"}
+    if not args.params:
+        if not out or not sweeps.is_sweep(Path(out)):
+            raise ConfigError(
+                "param", None, "name an option to search (--param r_s=0.001:0.3), or join a sweep with --out SWEEP_FOLDER"
+            )
+        given = sorted(k for k in vars(args) if k in names)
+        given += [f for f, v in (("preset", args.preset), ("config", args.config_file), ("sampler", args.sampler),
+                                 ("metric", args.metric), ("direction", args.direction)) if v is not None]
+        if given:
+            raise ConfigError(
+                given[0].replace("_", "-"), getattr(args, given[0], None),
+                f"joining the sweep in {out} uses its saved settings; give --out (and --trials) only",
+            )
+        sweep = sweeps.read_sweep_config(Path(out))
+        if args.trials is not None:
+            sweep = sweep.with_trials(args.trials)
+            sweep.validate()
+    else:
+        if hasattr(args, "out"):
+            delattr(args, "out")  # the sweep's folder, not the base config's run folder
+        sweep = build_sweep(
+            resolve_train_config(args), args.params, sampler=args.sampler or "tpe", n_trials=args.trials,
+            metric=args.metric or "val.R@1", direction=args.direction or "maximize", sampler_seed=args.sampler_seed,
+        )
+        out = out or str(default_runs_root() / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def stop(signum: int, frame: object) -> None:  # a cancelled job: the running trial is recorded as failed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    summary = run_sweep(sweep, out, show_progress=False if args.no_progress else None, worker_trials=args.worker_trials)
+    view = sweeps.load_sweep(out)
+    print(f"sweep folder: {out}  ({sweep.sampler}, {sweep.metric}, {sweep.direction})")
+    for t in view.trials:
+        params = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        value = f"{t.value:.4f}" if t.value is not None else "-"
+        print(f"  trial {t.number:>4}  {t.state:<9} {params:<40} {sweep.metric} {value}")
+    best = summary.get("best")
+    if isinstance(best, dict):
+        print(f"best: trial {best['trial']} ({sweep.metric} {best['value']:.4f}) -> {Path(out) / best['run_dir']}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from das_core.checkpoint import load_checkpoint
-    from das_core.embed import resolve_device
-    from das_core.evaluation import evaluate_embeddings
-    from das_core.training import load_splits_for
+    from das_core.retrieval.evaluation import evaluate_embeddings
+    from das_core.runtime import resolve_device
+    from das_core.store.checkpoint import load_checkpoint
+    from das_core.training.loop import load_splits_for
 
     ckpt = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model = ckpt.build_model(device)
     splits = load_splits_for(ckpt.config, args.data_root)
-    from das_core.embed import embed_dataset
+    from das_core.models.embed import embed_dataset
 
     emb, labels = embed_dataset(model, splits.get(args.split), batch_size=args.batch_size, device=device)
     metrics = evaluate_embeddings(emb, labels)
@@ -228,7 +341,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from das_core.checkpoint import load_checkpoint
+    from das_core.store.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     best = _best_test_of_run(ckpt.path.parent)
@@ -238,7 +351,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from das_core.presets import PRESETS
+    from das_core.training.presets import PRESETS
 
     if getattr(args, "json", False):
         print(json.dumps({name: preset.config().to_dict() for name, preset in PRESETS.items()}, indent=2))
@@ -274,7 +387,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from das_core.demo import available_demos, build_demo
+    from das_core.store.demo import available_demos, build_demo
 
     if args.demo_command == "build":
         for path in build_demo(epochs=args.epochs, dataset=args.dataset):
@@ -285,13 +398,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from das_core.explorer.export import export_source
+    from das_core.runtime import resolve_device
+
+    if args.das_anchors < 0:
+        raise ConfigError("das_anchors", args.das_anchors, "must be >= 0 (0: no DAS points)")
+    path = export_source(
+        args.source, args.out, args.fmt, args.split, das_anchors_per_class=args.das_anchors, r_s=args.r_s,
+        r_b=args.r_b, data_root=args.data_root, device=str(resolve_device(args.device)),
+    )
+    print(f"wrote {path}")
+    if args.fmt == "tensorboard":
+        print(f"open it with: tensorboard --logdir {path.parent}  (the Projector tab)")
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "train": cmd_train,
+    "sweep": cmd_sweep,
     "evaluate": cmd_evaluate,
     "info": cmd_info,
     "presets": cmd_presets,
     "data": cmd_data,
+    "export": cmd_export,
 }
 
 
@@ -315,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "jobs":  # before das_core.errors: the long-lived queue worker never loads torch
-        from das_core.jobs import cmd_jobs
+        from das_core.store.jobs import cmd_jobs
 
         return cmd_jobs(args)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

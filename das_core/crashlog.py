@@ -21,7 +21,7 @@ def log_dir() -> Path:
     env = os.environ.get("DAS_LOG_DIR")
     if env:
         return Path(env).expanduser()
-    from das_core.runs import default_runs_root
+    from das_core.store.runs import default_runs_root
 
     return default_runs_root() / ".logs"
 

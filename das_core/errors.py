@@ -4,22 +4,26 @@ as a message on the page."""
 
 from __future__ import annotations
 
-from das_core.checkpoint import CheckpointError
-from das_core.config import ConfigError
 from das_core.data.base import DatasetError
-from das_core.embed import DeviceError
-from das_core.images import ImageError
-from das_core.jobs import JobError
+from das_core.data.images import ImageError
 from das_core.models.backbones import ModelError
-from das_core.training import TrainingError
+from das_core.runtime import DeviceError
+from das_core.store.checkpoint import CheckpointError
+from das_core.store.external import EmbeddingsFileError
+from das_core.store.jobs import JobError
+from das_core.store.timeline import TimelineError
+from das_core.training.config import ConfigError
+from das_core.training.loop import TrainingError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     DatasetError,
     CheckpointError,
+    EmbeddingsFileError,
     ImageError,
     ModelError,
     DeviceError,
     TrainingError,
     JobError,
+    TimelineError,
 )

@@ -38,6 +38,17 @@ def plotly_specs(at: AppTest) -> list[dict[str, Any]]:
     return out
 
 
+def produced_layers(at: AppTest) -> list[dict[str, Any]]:
+    """The payloads of every ``app.produced_layer`` component on the page (the produced points
+    that the browser writes into a map's traces), as sent."""
+    out = []
+    for node in at.get("bidi_component"):
+        proto = node.proto  # type: ignore[attr-defined]
+        if proto.component_name == "das_produced_layer":
+            out.append(json.loads(proto.json))
+    return out
+
+
 def decode(values: Any) -> list[float]:
     """A Plotly array: a plain list, or a base64 typed array ({"dtype", "bdata"})."""
     import base64

@@ -19,6 +19,9 @@ import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# the browser tests' server / browser / page fixtures (a module defines only its app_root)
+pytest_plugins = ["browser_fixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
 

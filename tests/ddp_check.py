@@ -1,7 +1,7 @@
 """Run under torchrun (2 CPU processes, gloo) by tests/test_distributed.py.
 
 Every rank takes its half of one fixed global batch, embeds it through DDP, gathers the global
-batch (das_core.distributed.gather_batch), runs DAS + miner + loss and steps the optimiser, for
+batch (das_core.training.distributed.gather_batch), runs DAS + miner + loss and steps the optimiser, for
 a few steps. Each rank writes its losses, DAS state and final weights to OUT/rank<r>.pt; the
 test compares them with one process training on the whole global batch."""
 
@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from das_core.distributed import context_from_env, gather_batch, init_distributed, shutdown
+from das_core.training.distributed import context_from_env, gather_batch, init_distributed, shutdown
 
 
 def setup(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
@@ -24,9 +24,9 @@ def setup(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.
     runs differ only in the order of floating-point sums (the all-reduce of the gradients, the
     batch split of the convolutions), which in float64 moves results by ~1e-16 relative per
     operation instead of ~1e-7 (see test_distributed.py for the tolerances that follow)."""
-    from das_core.config import TrainConfig
-    from das_core.losses import build_criterion
     from das_core.models import build_model
+    from das_core.training.config import TrainConfig
+    from das_core.training.losses import build_criterion
 
     cfg = TrainConfig.from_mapping(
         {"dataset": "digits", "embedding_dim": 16, "das": True, "loss": "triplet", "miner": "semi-hard",

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from das_core.checkpoint import save_checkpoint
-from das_core.config import TrainConfig
 from das_core.crashlog import LAST_RESORT
 from das_core.models import build_model
+from das_core.store.checkpoint import save_checkpoint
+from das_core.training.config import TrainConfig
 
 
 def small_checkpoint(path: Path, *, class_names: list[str] | None = None) -> Path:

@@ -6,20 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from das_core import analysis
-from das_core.analysis import (
+from das_core.data.sampler import MPerClassBatchSampler
+from das_core.explorer import analysis
+from das_core.explorer.analysis import (
     bank_summary,
     class_top_dims,
     compute_das_state,
-    das_kwargs_for,
     gap_fill,
     gap_reference,
     preview_shifts,
     produced_honesty,
     select_anchors,
 )
-from das_core.das import DenselyAnchoredSampling
-from das_core.data.sampler import MPerClassBatchSampler
+from das_core.training.das import DenselyAnchoredSampling
 
 
 def clustered(n: int = 400, d: int = 8, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -205,18 +204,18 @@ def test_produced_honesty_matches_brute_force(per_class_max: int, monkeypatch: p
 
 
 def test_what_if_das_state_uses_the_same_das_settings_as_training() -> None:
-    """The app's what-if DAS (compute_das_state with das_kwargs_for) and the trainer's DAS
+    """The app's what-if DAS (compute_das_state with cfg.das_kwargs()) and the trainer's DAS
     (losses.build_das) come from one mapping: every recipe option reaches both (the what-if
     state once missed the asymmetric scale range and the authors' bank overflow)."""
-    from das_core.config import TrainConfig
-    from das_core.das import DenselyAnchoredSampling
-    from das_core.losses import build_das
+    from das_core.training.config import TrainConfig
+    from das_core.training.das import DenselyAnchoredSampling
+    from das_core.training.losses import build_das
 
     cfg = TrainConfig(das=True, das_gamma_low=0.5, das_gamma_high=2.0, das_bank_overflow="authors",
                       das_mode="mts", das_topk=8, das_detach=False)
     trained = build_das(cfg, 7)
     assert trained is not None
-    what_if = DenselyAnchoredSampling(7, cfg.embedding_dim, **das_kwargs_for(cfg))
+    what_if = DenselyAnchoredSampling(7, cfg.embedding_dim, **cfg.das_kwargs())
     assert what_if.config() == trained.config()
     assert what_if.config()["gamma_range"] == (0.5, 2.0) and what_if.config()["bank_overflow"] == "authors"
 
@@ -224,7 +223,7 @@ def test_what_if_das_state_uses_the_same_das_settings_as_training() -> None:
 def test_produce_for_anchors_layout_seed_and_state() -> None:
     """What the Explore page draws: T rounds of the chosen anchors, row t·A + i from anchor i,
     the same points for the same seed, and DAS's state untouched."""
-    from das_core.analysis import produce_for_anchors
+    from das_core.explorer.analysis import produce_for_anchors
 
     gen = np.random.default_rng(0)
     emb = gen.normal(size=(40, 8)).astype(np.float32)

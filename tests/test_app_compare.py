@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_helpers import digits_runs_root, fake_checkpoint
-from das_core import reports
+from das_core.explorer import bench_view, runs_view
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = "app/pages/compare.py"
@@ -42,7 +42,7 @@ def test_runs_table_lists_the_digits_run_with_its_metrics(runs_root: Path, digit
     table = frame(at, "name")
     row = table[table["name"] == "digits"].iloc[0]
     summary = json.loads((digits_run / "summary.json").read_text())
-    for m in reports.METRICS:  # the same float64 numbers, read back from JSON (exact round trip)
+    for m in runs_view.METRICS:  # the same float64 numbers, read back from JSON (exact round trip)
         assert row[m] == pytest.approx(summary["last"]["test"][m])
         assert row[f"sel. {m}"] == pytest.approx(summary["selected"]["test"][m])
     assert bool(row["DAS"]) and row["dataset"] == "digits" and row["loss"] == "triplet" and row["seed"] == 3
@@ -51,13 +51,13 @@ def test_runs_table_lists_the_digits_run_with_its_metrics(runs_root: Path, digit
     # R@1 and loss per epoch, and the DAS diagnostics (the run trained with DAS)
     assert [c.key for c in at.get("plotly_chart")] == ["compare_r1", "compare_loss", "compare_diag_chart"]
     options = at.selectbox(key="compare_diag").options
-    assert reports.DIAGNOSTIC_LABELS["das_diagnostics.share_own_copy"] in options
-    assert reports.DIAGNOSTIC_LABELS["weight_norm.backbone"] in options
+    assert runs_view.DIAGNOSTIC_LABELS["das_diagnostics.share_own_copy"] in options
+    assert runs_view.DIAGNOSTIC_LABELS["weight_norm.backbone"] in options
     # shown first: the gradient ratio (what explains DAS's effect in the fine-grained benchmark)
     assert at.selectbox(key="compare_diag").value == "das_diagnostics.grad_ratio"
-    logged = reports.run_diagnostics(digits_run)
+    logged = runs_view.run_diagnostics(digits_run)
     assert len(logged["das_diagnostics.share_own_copy"]) == 2  # one value per epoch
-    bench = reports.bench_summary(REPO / "bench" / "results")
+    bench = bench_view.bench_summary(REPO / "bench" / "results")
     shown = sum(d is not None for d in (bench["das"], bench["step"]))
     assert sum(("variant" in d.value.columns) or ("plain step (ms)" in d.value.columns) for d in at.dataframe) == shown
     assert len(bench["missing"]) == sum("bench" in i.value for i in at.info)

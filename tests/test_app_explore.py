@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+from streamlit.testing.v1 import AppTest
 
-from app_helpers import app_on, decode, install_run, no_errors, plotly_specs
+from app_helpers import app_on, decode, install_run, no_errors, plotly_specs, produced_layers
 
 pytestmark = pytest.mark.slow
 
@@ -18,36 +19,60 @@ def run_ckpt(digits_run: Path) -> Path:
     return run / "best.safetensors"
 
 
-def _produced(spec: dict) -> list[tuple[float, float]]:
-    pts: list[tuple[float, float]] = []
-    for trace in spec["data"]:
-        if str(trace.get("name", "")).startswith("produced"):
-            pts += list(zip(decode(trace["x"]), decode(trace["y"]), strict=True))
-    return pts
+def _explore_map(at: AppTest) -> dict:
+    (spec,) = [s for s in plotly_specs(at) if any(t.get("meta", "").startswith("produced-") for t in s["data"])]
+    return spec
+
+
+def _produced(at: AppTest) -> dict[str, dict]:
+    """The produced points the page sends for the Explore map, by the meta of their trace."""
+    from app.produced_layer import decode_payload
+
+    (layer,) = produced_layers(at)
+    assert layer["target"] == "explore_map"
+    return decode_payload(layer)
 
 
 def test_explore_renders_and_sliders_re_produce(run_ckpt: Path) -> None:
     at = app_on("app/pages/explore.py", run_ckpt)
     no_errors(at)
-    maps = [s for s in plotly_specs(at) if any(t.get("name", "").startswith("produced") for t in s["data"])]
-    assert maps, "the map shows produced points"
-    before = _produced(maps[0])
+    spec = _explore_map(at)
+    slots = {t["meta"]: t for t in spec["data"] if t.get("meta", "").startswith("produced-")}
+    before = _produced(at)
+    # one produced trace per class (the 5 digit classes of the training split) and the links,
+    # all sent empty: the browser fills them from the component
+    assert set(slots) == set(before) | {"produced-links"} and len(before) == 5
+    assert all(t["name"].startswith("produced") for u, t in slots.items() if u != "produced-links")
+    assert all(len(decode(t["x"])) == 0 for t in slots.values())
     # default: 50 anchors per class x T rounds on the training split (5 digit classes)
-    assert len(before) == 5 * 50 * at.sidebar.number_input(key="T").value
-    assert maps[0]["layout"]["meta"]["thumbs"]["count"] > 0  # hover thumbnails wired
+    rounds = at.sidebar.number_input(key="T").value
+    assert sum(len(p["anchor"]) for p in before.values()) == 5 * 50 * rounds
+    assert all(len(p["xy"]) == len(p["round"]) == len(p["anchor"]) for p in before.values())
+    assert {int(r) for p in before.values() for r in p["round"]} == set(range(1, rounds + 1))  # rounds count from 1
+    assert spec["layout"]["meta"]["thumbs"]["count"] > 0  # hover thumbnails wired
+    # the sliders' ranges are the table's (das_core.training.ranges), as the config's and the module's
+    from das_core.training.ranges import R_B, R_S, T
+
+    for key, r in (("r_s", R_S), ("r_b", R_B)):
+        slider = at.sidebar.slider(key=key)
+        assert (slider.min, slider.max, slider.step) == (r.ui_low, r.ui_high, r.ui_step), key
+    assert (at.sidebar.number_input(key="T").min, at.sidebar.number_input(key="T").max) == (T.ui_low, T.ui_high)
     metric_labels = [m.label for m in at.metric]
     assert "Gap fill" in metric_labels and "Produced nearer their own class" in metric_labels
 
     at.sidebar.slider(key="r_s").set_value(0.5).run()
     no_errors(at)
-    after = _produced([s for s in plotly_specs(at) if any(t.get("name", "").startswith("produced") for t in s["data"])][0])
-    assert len(after) == len(before)
-    assert after != before, "moving r_s re-produces the points"
+    after = _produced(at)
+    assert _explore_map(at) == spec, "a slider move leaves the figure (and so what is sent for it) unchanged"
+    assert {u: len(p["anchor"]) for u, p in after.items()} == {u: len(p["anchor"]) for u, p in before.items()}
+    assert any((after[u]["xy"] != before[u]["xy"]).any() for u in before), "moving r_s re-produces the points"
+    for u in before:  # the same anchors
+        assert (after[u]["anchor"] == before[u]["anchor"]).all()
 
     at.sidebar.toggle(key="dfs").set_value(False).run()
     at.sidebar.toggle(key="mts").set_value(False).run()
     no_errors(at)
-    assert not any(_produced(s) for s in plotly_specs(at))
+    assert not any(len(p["anchor"]) for p in _produced(at).values())
     assert any("nothing to produce" in i.value.lower() for i in at.info)
 
 
@@ -66,6 +91,10 @@ def test_das_internals_shows_the_trained_state(run_ckpt: Path) -> None:
     heat = [s for s in specs if s["data"] and s["data"][0]["type"] == "heatmap"]
     assert heat, "the frequency heatmap is drawn"
     assert any(t.get("name", "").startswith("mask") for t in heat[0]["data"])
+    from das_core.training.ranges import R_B
+
+    rb = at.slider(key="internals_rb")
+    assert (rb.min, rb.max, rb.step) == (R_B.ui_low, R_B.ui_high, R_B.ui_step)
 
 
 def test_a_deleted_checkpoint_is_a_message_not_a_traceback(run_ckpt: Path, tmp_path: Path) -> None:

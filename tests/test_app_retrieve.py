@@ -40,8 +40,8 @@ def ok(at: AppTest) -> None:
 
 
 def gallery_labels(digits_run: Path) -> np.ndarray:
-    from das_core.checkpoint import load_checkpoint
-    from das_core.training import load_splits_for
+    from das_core.store.checkpoint import load_checkpoint
+    from das_core.training.loop import load_splits_for
 
     return load_splits_for(load_checkpoint(digits_run).config).test.labels
 
@@ -81,8 +81,8 @@ def test_sample_query_is_marked_and_placed_on_the_map(runs_root: Path, tmp_path:
 
     labels = gallery_labels(runs_root / "digits")
     i = int(np.flatnonzero(labels == 2)[4])  # test class 2 is the digit "7"
-    from das_core.checkpoint import load_checkpoint
-    from das_core.training import load_splits_for
+    from das_core.store.checkpoint import load_checkpoint
+    from das_core.training.loop import load_splits_for
 
     test = load_splits_for(load_checkpoint(runs_root / "digits").config).test
     samples = tmp_path / "samples"

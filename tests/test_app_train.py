@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from das_core import jobs, reports
-from das_core.config import TrainConfig
-from das_core.presets import PRESETS
+from das_core.explorer import train_form
+from das_core.store import jobs
+from das_core.training.config import TrainConfig
+from das_core.training.presets import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = "app/pages/train.py"
@@ -33,7 +34,7 @@ def runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
             jobs.cancel(job.id, root, grace=2.0)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(j.active for j in jobs.list_jobs(root)):
-        time.sleep(0.2)
+        time.sleep(0.2)  # polled: the jobs' files say when they have stopped
     for dev in jobs.DEVICES:
         pid = jobs.worker_pid(root, dev)
         if pid is not None:  # the worker exits by itself once its queue is empty; make sure
@@ -49,7 +50,7 @@ def page(**state: Any) -> AppTest:
 
 
 def form_config(at: AppTest) -> TrainConfig:
-    return reports.config_from_form({f.name: at.session_state[f"train_f_{f.name}"] for f in reports.config_fields()})
+    return train_form.config_from_form({f.name: at.session_state[f"train_f_{f.name}"] for f in train_form.config_fields()})
 
 
 def test_form_has_every_option_and_presets_fill_it(runs_root: Path) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from das_core.config import TrainConfig
 from das_core.models import ModelError, build_model
 from das_core.models.bninception import BLOCKS, WEIGHTS_FILE, BNInceptionFeatures, weights_path
+from das_core.training.config import TrainConfig
 
 
 def test_architecture_shapes_and_block_widths() -> None:

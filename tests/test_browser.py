@@ -17,7 +17,6 @@ import io
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +26,21 @@ from browser_helpers import (
     EXCEPTION,
     REPO,
     AppServer,
-    RunWatcher,
-    chromium_missing,
-    failure_shot,
+    assert_clean,
     full_screenshot,
-    launch_chromium,
-    pick_checkpoint,
-    problems,
+    open_page,
     produced_signature,
-    stop_jobs,
+    skip_without_chromium,
     traces,
     wait_for_produced,
     wait_idle,
+    wait_painted,
+    wait_produced_moved,
 )
 
 from app_helpers import install_run
 
-_why = chromium_missing()
-if _why:
-    pytest.skip(f"browser tests skipped: {_why}", allow_module_level=True)
+skip_without_chromium()
 
 from playwright.sync_api import expect  # noqa: E402 (after the skip: playwright may be missing)
 
@@ -57,7 +52,7 @@ SCREENSHOTS = REPO / "assets" / "screenshots"
 UPDATE_SCREENSHOTS = os.environ.get("DAS_UPDATE_SCREENSHOTS") == "1"
 
 
-# -- fixtures -------------------------------------------------------------------------------------
+# -- fixtures (server, browser and page: browser_fixtures.py) -------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -67,63 +62,6 @@ def app_root(digits_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     install_run(digits_run, root / "runs", name="digits-das")
     (root / "cache").mkdir()
     return root
-
-
-@pytest.fixture(scope="module")
-def server(app_root: Path) -> Iterator[AppServer]:
-    srv = AppServer(app_root / "runs", app_root / "cache", log_path=app_root / "server.log", threads=1)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        stop_jobs(app_root / "runs")
-
-
-@pytest.fixture(scope="module")
-def browser(server: AppServer) -> Iterator[Any]:
-    with launch_chromium() as ctx:
-        yield ctx
-
-
-@pytest.fixture
-def page(browser: Any, server: AppServer, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """A new tab (a new Streamlit session); browser-side errors are collected on it, and a
-    failing test leaves a screenshot of it in tests/artifacts/."""
-    p = browser.new_page()
-    p.set_default_timeout(60_000)
-    p.js_errors = []  # type: ignore[attr-defined]
-    p.runs = RunWatcher(p)  # type: ignore[attr-defined]
-    p.on("pageerror", lambda exc: p.js_errors.append(str(exc)))  # type: ignore[attr-defined]
-    failed_before = request.session.testsfailed
-    try:
-        yield p
-    finally:
-        # the call's report is in by now: a new failure is this test's
-        if request.session.testsfailed > failed_before:
-            shot = failure_shot(p, request.node.name)
-            print(f"screenshot of the failing page: {shot}")
-        p.close()
-
-
-def open_page(page: Any, server: AppServer, path: str = "", checkpoint: str | None = RUN_LABEL,
-              timeout: float = 180.0) -> None:
-    """Open a page of the app (``path``: ``""`` for Explore, ``"retrieve"``, …), pick
-    ``checkpoint`` in the sidebar (interrupting the run on the default demo), wait until idle."""
-    page.goto(f"{server.url}/{path}")
-    mark = 0
-    if checkpoint is not None:
-        mark = page.runs.mark
-        if not pick_checkpoint(page, checkpoint):
-            mark = 0
-    page.runs.wait_finished(after=mark, timeout=timeout)
-    wait_idle(page, timeout=timeout)
-
-
-def assert_clean(page: Any, allow_errors: tuple[str, ...] = ()) -> None:
-    found = problems(page, allow_errors)
-    assert not found, found
-    assert not page.js_errors, page.js_errors
 
 
 # -- Explore --------------------------------------------------------------------------------------
@@ -166,8 +104,24 @@ ISOLATED_POINT = """([key, wantReal]) => {
     for (const q of pts) { if (q !== p) d = Math.min(d, Math.hypot(p.px - q.px, p.py - q.py)); }
     if (d > bestD) { bestD = d; best = p; }
   }
-  return {...best, gap: bestD,
+  return {...best, key, gap: bestD,
           plot: {left: box.left + xa._offset, top: box.top + ya._offset, width: xa._length, height: ya._length}};
+}"""
+
+# JS: where the point ``id`` of trace ``name`` is on the screen now (scrolled into view).
+POINT_NOW = """([key, name, id]) => {
+  const gd = document.querySelector('.st-key-' + key + ' .js-plotly-plot');
+  if (!gd || !gd._fullData) return null;
+  gd.scrollIntoView({block: 'center', behavior: 'instant'});
+  const fl = gd._fullLayout, xa = fl.xaxis, ya = fl.yaxis, box = gd.getBoundingClientRect();
+  for (const t of gd._fullData) {
+    if (t.name !== name || t.mode !== 'markers') continue;
+    for (let i = 0; i < t.x.length; i++) {
+      if (+t.customdata[i][0] !== id) continue;
+      return {px: box.left + xa._offset + xa.l2p(+t.x[i]), py: box.top + ya._offset + ya.l2p(+t.y[i])};
+    }
+  }
+  return null;
 }"""
 
 # JS: a rectangle around the densest spot of real points (for the box selection).
@@ -193,9 +147,12 @@ DENSE_BOX = """(key) => {
 
 def open_explore(page: Any, server: AppServer) -> tuple[int, float]:
     """Explore on the digits run, its map drawn: (number of produced points, their checksum)."""
-    open_page(page, server, "")
+    open_page(page, server, "", checkpoint=RUN_LABEL)
     before = wait_for_produced(page)
     assert before[0] == 5 * 50 * 3, before  # 5 classes x 50 anchors x T=3 rounds on the digits run
+    # the run goes on after the map (gap fill, honesty, export buttons below it): let it finish,
+    # so that the page no longer moves under a point the test aims at
+    wait_idle(page)
     real = [t for t in traces(page, "explore_map") or [] if t["mode"] == "markers" and not t["name"].startswith("produced")]
     assert len(real) == 5 and sum(t["n"] for t in real) > 500
     assert_clean(page)
@@ -204,12 +161,27 @@ def open_explore(page: Any, server: AppServer) -> tuple[int, float]:
 
 def hover(page: Any, pt: dict[str, Any]) -> Any:
     """Move the mouse onto a point of a map (from a little way off); the tooltip, once it shows
-    that point (on the way, the mouse may pass other points, whose tooltips show first)."""
+    that point (on the way, the mouse may pass other points, whose tooltips show first: a
+    produced point's anchor, named "#<id>" too, often lies on the way)."""
     tip = page.locator("#das-thumb-tip")
-    page.mouse.move(pt["px"] - 30, pt["py"] - 30)
-    page.mouse.move(pt["px"], pt["py"], steps=5)
-    tip.wait_for(state="visible", timeout=10_000)
-    expect(tip).to_contain_text(f"#{pt['id']}", timeout=10_000)
+    # app/hover.py's label: "<name> · #<id>" for a real point, "<name> · round <r> · anchor #<id>"
+    # for a produced one
+    label = rf"^(.+ · )?#{pt['id']}$" if pt["real"] else rf"^(.+ · )?round \d+ · anchor #{pt['id']}$"
+    at = pt
+    for attempt in range(3):
+        page.mouse.move(at["px"] - 30, at["py"] - 30)
+        page.mouse.move(at["px"], at["py"], steps=5)
+        try:
+            expect(tip.locator(".text")).to_have_text(re.compile(label), timeout=10_000)
+            break
+        except AssertionError:
+            # A map drawn again after the aim (Streamlit remounts a graph when it measures its
+            # width again) or a page that moved leaves the mouse still, off the point, and a
+            # still mouse sends no new hover: aim again at where the point is now.
+            at = page.evaluate(POINT_NOW, [pt["key"], pt["trace"], pt["id"]]) or at
+            if attempt == 2:
+                raise
+    expect(tip).to_be_visible()
     return tip
 
 
@@ -243,16 +215,7 @@ def test_explore_map_hover_thumbnail_and_slider(page: Any, server: AppServer) ->
     thumb.focus()
     for _ in range(3):
         page.keyboard.press("ArrowRight")
-    page.wait_for_function(
-        """([key, n, s]) => { const gd = document.querySelector('.st-key-' + key + ' .js-plotly-plot');
-            if (!gd || !gd._fullData) return false;
-            let m = 0, t = 0;
-            for (const tr of gd._fullData) { if (!String(tr.name).startsWith('produced')) continue;
-              for (let i = 0; i < tr.x.length; i++) { const a = +tr.x[i], b = +tr.y[i];
-                if (a === a) t += a * 1.000003 + b * 0.999991 * (i % 7 + 1); } m += tr.x.length; }
-            return m === n && Math.abs(t - s) > 1e-6; }""",
-        arg=["explore_map", before[0], before[1]], timeout=60_000,
-    )
+    wait_produced_moved(page, before)
     wait_idle(page)
     after = produced_signature(page)
     assert after is not None and after[0] == before[0] and after != before
@@ -297,8 +260,8 @@ def test_explore_box_selection_shows_the_images(page: Any, server: AppServer) ->
     heading = page.locator("h3", has_text="Selection:").inner_text()
     n_sel = int(re.search(r"Selection: ([\d,]+) real points", heading).group(1).replace(",", ""))
     assert n_sel >= 3, heading
-    images = page.locator('[data-testid="stImage"]')
-    assert images.count() == min(n_sel, 60)
+    # the images come after the heading (one st.image each, loaded from the split): waited for
+    expect(page.locator('[data-testid="stImage"]')).to_have_count(min(n_sel, 60), timeout=30_000)
 
 
 
@@ -309,6 +272,7 @@ def test_many_classes_hover_names_the_class_and_the_legend_stays_short(
     install_run(many_class_run, app_root / "runs", name="many-classes")
     open_page(page, server, "", checkpoint="run · many-classes")
     wait_for_produced(page)
+    wait_idle(page)  # the run finishes below the map: the page stops moving before we aim
     names = [t["name"] for t in traces(page, "explore_map") or []]
     assert "all 520 classes" in names
     legend = page.locator(".st-key-explore_map .legend .traces")
@@ -327,7 +291,7 @@ def test_many_classes_hover_names_the_class_and_the_legend_stays_short(
 
 
 def test_das_internals_heatmap_and_banks(page: Any, server: AppServer) -> None:
-    open_page(page, server, "das_internals")
+    open_page(page, server, "das_internals", checkpoint=RUN_LABEL)
     page.get_by_text("This checkpoint was trained with DAS").wait_for()
     heat = traces(page, "internals_heatmap")
     assert heat and heat[0]["type"] == "heatmap" and heat[0]["n"] == 5  # one row per training class
@@ -365,7 +329,7 @@ def _digit_png(index: int = 0) -> bytes:
 
 
 def test_retrieve_upload_query_and_a_broken_upload(page: Any, server: AppServer) -> None:
-    open_page(page, server, "retrieve")
+    open_page(page, server, "retrieve", checkpoint=RUN_LABEL)
     page.locator(".st-key-retrieve_source").get_by_text("an upload").click()
     uploader = page.locator('.st-key-retrieve_upload input[type="file"]')
     uploader.wait_for(state="attached")
@@ -382,8 +346,9 @@ def test_retrieve_upload_query_and_a_broken_upload(page: Any, server: AppServer)
     assert page.get_by_text("Query: query-digit.png · 64×64").count() == 1
     assert_clean(page)
 
+    mark = page.runs.mark
     page.locator('.st-key-retrieve_upload [data-testid="stFileChipDeleteBtn"] button').click()
-    wait_idle(page, start_grace=1.0)
+    wait_idle(page, after=mark)  # the uploader asks for a rerun without the file
     uploader.set_input_files({"name": "x.png", "mimeType": "image/png", "buffer": b"this is not a PNG at all" * 10})
     err = page.locator(ERROR)
     err.first.wait_for(timeout=60_000)
@@ -397,25 +362,28 @@ def test_retrieve_upload_query_and_a_broken_upload(page: Any, server: AppServer)
 
 
 def test_train_quick_job_queued_and_cancelled(page: Any, server: AppServer, app_root: Path) -> None:
-    from das_core import jobs
+    from das_core.store import jobs
 
     runs = app_root / "runs"
     open_page(page, server, "train", checkpoint=None)
     preset = page.locator('input[aria-label="Preset (fills the form)"]')
     preset.click()
+    mark = page.runs.mark
     page.get_by_role("option", name=re.compile(r"^cpu-quick:")).click()
-    wait_idle(page, start_grace=1.0)
+    wait_idle(page, after=mark)  # the preset's on_change fills the form in a rerun
     assert preset.input_value().startswith("cpu-quick")
     assert page.locator('input[aria-label="dataset"]').input_value() == "digits"
     assert page.locator('input[aria-label="backbone"]').input_value() == "small-cnn"
     # long enough that it cannot finish before it is cancelled
     epochs = page.locator('input[aria-label="epochs"]')
     epochs.fill("40")
-    epochs.press("Enter")
-    wait_idle(page, start_grace=1.0)
+    mark = page.runs.mark
+    epochs.press("Enter")  # a number input sends its value (and asks for a rerun) on Enter
+    wait_idle(page, after=mark)
     page.locator('input[aria-label="Job name (optional)"]').fill("browser test job")
+    mark = page.runs.mark
     page.locator('input[aria-label="Job name (optional)"]').press("Enter")
-    wait_idle(page, start_grace=1.0)
+    wait_idle(page, after=mark)
     assert_clean(page)
 
     page.locator(".st-key-train_submit").get_by_role("button", name="Start training").click()
@@ -435,7 +403,7 @@ def test_train_quick_job_queued_and_cancelled(page: Any, server: AppServer, app_
     # the training process is gone (the worker exits by itself once its queue is empty)
     final = jobs.get_job(job.id, runs)
     if final.pid:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 20  # polled: the process is gone when /proc says so
         while time.monotonic() < deadline and Path(f"/proc/{final.pid}").exists():
             time.sleep(0.2)
         assert not Path(f"/proc/{final.pid}/cmdline").exists() or str(final.run_dir) not in Path(
@@ -480,19 +448,21 @@ def test_readme_screenshot(page: Any, server: AppServer, name: str) -> None:
         page.get_by_text(re.compile(r"answered in \d+ ms")).first.wait_for(timeout=600_000)
     elif name == "train":  # a finished quick job, with its curves, in the job list
         page.locator('input[aria-label="Preset (fills the form)"]').click()
+        mark = page.runs.mark
         page.get_by_role("option", name=re.compile(r"^cpu-quick:")).click()
-        wait_idle(page, start_grace=1.0)
+        wait_idle(page, after=mark)
         page.locator(".st-key-train_submit").get_by_role("button", name="Start training").click()
         page.get_by_text("✔ done").first.wait_for(timeout=600_000)
         page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
     elif name == "compare":
+        mark = page.runs.mark
         page.locator(".st-key-compare_draw label").first.click()  # the label takes the click, not the hidden input
-        wait_idle(page, timeout=600, start_grace=2.0)
+        wait_idle(page, timeout=600, after=mark)
         page.wait_for_function(
             "() => { const gd = document.querySelector('.st-key-compare_map_b .js-plotly-plot'); return !!(gd && gd._fullData); }",
             timeout=600_000,
         )
     wait_idle(page, timeout=600)
-    time.sleep(2.0)  # let Plotly finish painting
+    wait_painted(page)  # every Plotly graph drawn at its size, and painted
     assert_clean(page)
-    full_screenshot(page, SCREENSHOTS / f"{name}.png", settle=2.0)
+    full_screenshot(page, SCREENSHOTS / f"{name}.png")

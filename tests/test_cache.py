@@ -3,7 +3,11 @@ thumbnail sprite sheets."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,11 +16,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import das_core.embed
-from das_core import cache, thumbs
-from das_core.cache import cache_root, file_key, get_embeddings, load_cached_embeddings
+import das_core.models.embed
+from conftest import REPO
 from das_core.data.base import ArrayDataset, DatasetSplits, FileDataset
-from das_core.thumbs import SpriteInfo, build_sprites, load_sprites, thumbnail_of
+from das_core.explorer import thumbs
+from das_core.explorer.thumbs import SpriteInfo, build_sprites, cached_sprites, load_sprites, thumbnail_of
+from das_core.store.cache import (
+    CacheMiss,
+    DiskCache,
+    cache_root,
+    file_key,
+    get_embeddings,
+    load_cached_embeddings,
+)
+from das_core.store.io import atomic_write_text
 
 
 def test_cache_root_follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,7 +37,7 @@ def test_cache_root_follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         m.setenv("DAS_CACHE_DIR", str(tmp_path / "c"))
         assert cache_root() == tmp_path / "c"
         m.delenv("DAS_CACHE_DIR")
-        assert cache_root() == Path(cache.__file__).resolve().parent.parent / ".cache" / "explorer"
+        assert cache_root() == REPO / ".cache" / "explorer"
     assert os.environ.get("DAS_CACHE_DIR")  # the test session's isolated cache is back
 
 
@@ -53,6 +66,10 @@ class FakeCheckpoint:
     path: Path
     config: FakeConfig
     dataset: str = "toy"
+    identity: str = ""
+
+    def __post_init__(self) -> None:  # as load_checkpoint does: the file's identity at load
+        self.identity = file_key(self.path)
 
     def build_model(self, device: Any = "cpu") -> object:
         return object()
@@ -81,7 +98,7 @@ def test_get_embeddings_cached_and_corruption_recomputed(
         emb = np.arange(len(dataset) * 4, dtype=np.float32).reshape(-1, 4)
         return emb, dataset.labels.copy()
 
-    monkeypatch.setattr(das_core.embed, "embed_dataset", fake_embed)
+    monkeypatch.setattr(das_core.models.embed, "embed_dataset", fake_embed)
     splits = toy_splits()
     seen: list[tuple[int, int]] = []
     es = get_embeddings(ckpt, "test", splits=splits, progress=lambda d, t: seen.append((d, t)))  # type: ignore[arg-type]
@@ -111,9 +128,9 @@ def test_get_embeddings_cached_and_corruption_recomputed(
     get_embeddings(ckpt, "test", splits=splits)  # type: ignore[arg-type]
     assert len(calls) == 4
 
-    # a changed checkpoint file is a different entry
+    # a changed checkpoint file, loaded again, is a different entry
     ckpt_file.write_bytes(b"retrained weights")
-    other = get_embeddings(ckpt, "test", splits=splits)  # type: ignore[arg-type]
+    other = get_embeddings(FakeCheckpoint(ckpt_file, FakeConfig()), "test", splits=splits)  # type: ignore[arg-type]
     assert other.checkpoint_key != es.checkpoint_key and len(calls) == 5
 
 
@@ -200,7 +217,7 @@ def test_sprites_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_explorer_map_builds_then_reuses_both_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from das_core import projection
+    from das_core.explorer import maps
 
     ckpt_file = tmp_path / "m.safetensors"
     ckpt_file.write_bytes(b"explorer weights")  # the cache is keyed by content: not another test's
@@ -213,16 +230,105 @@ def test_explorer_map_builds_then_reuses_both_caches(tmp_path: Path, monkeypatch
         kw["progress"](len(dataset), len(dataset))
         return rng.normal(size=(len(dataset), 6)).astype(np.float32), dataset.labels.copy()
 
-    monkeypatch.setattr(das_core.embed, "embed_dataset", fake_embed)
+    monkeypatch.setattr(das_core.models.embed, "embed_dataset", fake_embed)
     seen: list[float] = []
-    es, m = projection.explorer_map(
+    es, m = maps.explorer_map(
         ckpt, "test", splits=toy_splits(60), progress=lambda f, msg: seen.append(f)
     )  # type: ignore[arg-type]
     assert len(es) == len(m) == 60 and calls == [60]
     assert seen == sorted(seen) and seen[-1] == 1.0
     with monkeypatch.context() as mp:
-        mp.setattr(projection, "fit_map", lambda *a, **k: pytest.fail("refitted"))
-        es2, m2 = projection.explorer_map(ckpt, "test", splits=toy_splits(60))  # type: ignore[arg-type]
+        mp.setattr(maps, "fit_map", lambda *a, **k: pytest.fail("refitted"))
+        es2, m2 = maps.explorer_map(ckpt, "test", splits=toy_splits(60))  # type: ignore[arg-type]
     assert calls == [60]
     np.testing.assert_array_equal(m2.coords, m.coords)
     np.testing.assert_array_equal(es2.embeddings, es.embeddings)
+
+
+# ---------------------------------------------------------------------------- the one cache
+
+
+def _text_cache(version: int = 1, **kw: Any) -> DiskCache[str]:
+    def read(path: Path) -> str:
+        if not path.is_file():
+            raise CacheMiss("absent")
+        text = path.read_text(encoding="utf-8")
+        if not text.startswith(f"v{version}:"):
+            raise ValueError(f"not format {version}")
+        return text.split(":", 1)[1]
+
+    def write(path: Path, value: str) -> None:
+        atomic_write_text(path, f"v{version}:{value}")
+
+    return DiskCache("text", version, read=read, write=write, name="text", suffix=".txt", **kw)
+
+
+def test_disk_cache_reads_through_keyed_by_identity_split_and_params() -> None:
+    cache = _text_cache()
+    calls: list[str] = []
+
+    def compute(value: str) -> Callable[[], str]:
+        return lambda: calls.append(value) or value  # type: ignore[func-returns-value]
+
+    assert cache.get("a" * 16, "test", compute("one"), {"k": 1}) == "one"
+    assert cache.get("a" * 16, "test", compute("two"), {"k": 1}) == "one" and calls == ["one"]
+    assert cache.get("a" * 16, "test", compute("three"), {"k": 2}) == "three"  # other parameters
+    assert cache.get("a" * 16, "train", compute("four"), {"k": 1}) == "four"  # other split
+    assert cache.get("b" * 16, "test", compute("five"), {"k": 1}) == "five"  # other checkpoint
+    path = cache.path("a" * 16, "test", {"k": 1})
+    assert path.parent == cache_root() / ("a" * 16) / "test" and path.name.startswith("text-")
+    assert path.suffix == ".txt"
+    # another format version is another entry, and a file of another version is recomputed
+    assert _text_cache(2).path("a" * 16, "test", {"k": 1}) != path
+    path.write_text("v0:old", encoding="utf-8")
+    assert cache.get("a" * 16, "test", compute("six"), {"k": 1}) == "six"
+    assert cache.peek("a" * 16, "test", {"k": 1}) == "six"
+    # a value the caller does not accept (stale) is recomputed
+    assert cache.get("a" * 16, "test", compute("seven"), {"k": 1}, accept=lambda v: v != "six") == "seven"
+    with pytest.raises(ValueError, match="invalid cache entry"):
+        cache.path("a" * 16, "../x")
+
+
+def test_disk_cache_one_computation_for_concurrent_callers() -> None:
+    # fcntl locks belong to open file descriptions, so threads contend as processes do
+    cache = _text_cache()
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def slow() -> str:
+        calls.append(1)
+        started.set()
+        release.wait(10)
+        return "value"
+
+    first = ThreadPoolExecutor(1).submit(cache.get, "c" * 16, "test", slow, {"k": 1})
+    assert started.wait(10)
+    second = ThreadPoolExecutor(1).submit(cache.get, "c" * 16, "test", slow, {"k": 1})
+    release.set()
+    assert first.result(10) == second.result(10) == "value" and calls == [1]
+
+
+def test_disk_cache_unsaved_value_kept_or_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(path: Path, value: str) -> None:
+        raise PermissionError("read-only cache")
+
+    kept = dataclasses.replace(_text_cache(), write=refuse, keep_unsaved=True)
+    assert kept.get("d" * 16, "test", lambda: "x", {"k": 1}) == "x"
+    strict = dataclasses.replace(kept, keep_unsaved=False)
+    with pytest.raises(PermissionError):
+        strict.get("d" * 16, "test", lambda: "x", {"k": 1})
+
+
+def test_cached_sprites_reuse_and_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = grey_dataset(40)
+    root = tmp_path / "static"
+    info, folder = cached_sprites("e" * 16, "test", ds, root=root, per_row=4)
+    assert folder == Path("e" * 16) / "test" and load_sprites(root / folder) == info
+    built: list[int] = []
+    real = thumbs.build_sprites
+    monkeypatch.setattr(thumbs, "build_sprites", lambda *a, **k: built.append(1) or real(*a, **k))
+    assert cached_sprites("e" * 16, "test", ds, root=root, per_row=4) == (info, folder) and built == []
+    (root / folder / info.files[1]).write_bytes(b"broken")  # a corrupt sheet: rebuilt
+    assert cached_sprites("e" * 16, "test", ds, root=root, per_row=4)[0] == info and built == [1]
+    assert cached_sprites("e" * 16, "test", ds, root=root, per_row=2)[0].per_row == 2  # other geometry
+    assert built == [1, 1]

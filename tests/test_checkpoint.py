@@ -9,15 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from das_core.checkpoint import (
+from das_core.models import build_model
+from das_core.store.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    checkpoint_identity,
     load_checkpoint,
     save_checkpoint,
 )
-from das_core.config import TrainConfig
-from das_core.losses import build_criterion
-from das_core.models import build_model
+from das_core.store.io import file_key
+from das_core.training.config import TrainConfig
+from das_core.training.losses import build_criterion
 
 
 def _save(path: Path, das: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, TrainConfig]:
@@ -61,6 +63,24 @@ def test_run_folder_prefers_best(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path).path.name == "last.safetensors"
     _save(tmp_path / "best.safetensors")
     assert load_checkpoint(tmp_path).path.name == "best.safetensors"
+
+
+def test_identity_is_the_content_taken_at_load(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    _save(run / "last.safetensors")
+    ckpt = load_checkpoint(run)
+    assert ckpt.identity == file_key(run / "last.safetensors") == checkpoint_identity(run)
+    assert len(ckpt.identity) == 16
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes((run / "last.safetensors").read_bytes())
+    assert load_checkpoint(copy).identity == ckpt.identity  # keyed by content, not by name
+    _save(run / "last.safetensors", das=False)  # retrained in place
+    assert checkpoint_identity(run) != ckpt.identity
+    assert load_checkpoint(run).identity == checkpoint_identity(run)
+    assert ckpt.identity == file_key(copy)  # the loaded object keeps what it was loaded from
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint_identity(tmp_path / "gone.safetensors")
 
 
 def test_missing_and_empty_folder(tmp_path: Path) -> None:

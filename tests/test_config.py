@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from das_core.config import (
+from das_core.training.config import (
     BACKBONES,
     DATASETS,
     LOSSES,
@@ -78,9 +78,9 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
 
 def test_registries_match_config_names() -> None:
     from das_core.data import DATASET_NAMES
-    from das_core.losses import LOSSES as LOSS_REGISTRY
-    from das_core.miners import MINER_NAMES
     from das_core.models import BACKBONE_NAMES
+    from das_core.training.losses import LOSSES as LOSS_REGISTRY
+    from das_core.training.miners import MINER_NAMES
 
     assert tuple(LOSS_REGISTRY) == LOSSES
     assert MINER_NAMES == MINERS
@@ -89,7 +89,7 @@ def test_registries_match_config_names() -> None:
 
 
 def test_every_preset_is_valid() -> None:
-    from das_core.presets import PRESETS
+    from das_core.training.presets import PRESETS
 
     for preset in PRESETS.values():
         preset.config()
@@ -114,3 +114,108 @@ def test_cli_dfs_only_and_no_das(tmp_path: Path) -> None:
     assert cfg.das and cfg.das_mode == "dfs"
     cfg = resolve_train_config(build_parser().parse_args(["train", "--preset", "cpu-demo", "--no-das"]))
     assert not cfg.das and cfg.batch_size == 100
+
+
+# ------------------------------------------------------------------ one rule per DAS range
+
+
+def _outside(r: object) -> list[float]:
+    """Values just outside each bound of a range (the bound itself when it is open)."""
+    from das_core.training.ranges import ParamRange
+
+    assert isinstance(r, ParamRange)
+    step = 1 if r.integer else 0.5
+    low = r.low if r.low_open else r.low - step
+    high = r.high if r.high_open else r.high + step
+    return [int(v) if r.integer else float(v) for v in (low, high)]
+
+
+@pytest.mark.parametrize("symbol", ["T", "K", "Z", "r_s", "r_b", "gamma"])
+def test_each_das_range_is_one_rule_for_the_config_the_cli_and_the_module(
+    symbol: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table of das_core.training.ranges is what the config checks (so the YAML file, the
+    form and the CLI flags), what --help says, and what the DAS module checks: a value outside
+    fails in each place with the table's words, and both ends of the range are accepted."""
+    from das_core.cli import main
+    from das_core.training.das import DenselyAnchoredSampling
+    from das_core.training.ranges import DAS_RANGES
+
+    r = DAS_RANGES[symbol]
+    rule = r.describe()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for field in r.fields:
+        assert TrainConfig.rule(field).describe() == rule
+        assert f"({rule}; default:" in help_text, f"--help of {field} states the range"
+    dim = 8192  # K's range ends at the largest embedding dimension
+    for bad in _outside(r):
+        values = {f: bad for f in r.fields}
+        if symbol == "gamma":  # both ends given, so that only the range can be the problem
+            values = {"das_gamma_low": bad, "das_gamma_high": 100.0} if bad <= 0 else {"das_gamma_low": 0.5, "das_gamma_high": bad}
+        with pytest.raises(ConfigError) as err:
+            TrainConfig.from_mapping({**values, "embedding_dim": dim})
+        assert str(err.value).endswith(f"must be {rule}")
+        flag = f"--{next(iter(values)).replace('_', '-')}" if symbol != "gamma" or bad <= 0 else "--das-gamma-high"
+        argv = ["train", "--dry-run", "--embedding-dim", str(dim), flag, str(bad)]
+        if symbol == "gamma":
+            argv += ["--das-gamma-low", "0.5"] if bad > 0 else ["--das-gamma-high", "100"]
+        assert main(argv) == 2
+        assert f"must be {rule}" in capsys.readouterr().err
+        kwarg = (bad, 100.0) if symbol == "gamma" and bad <= 0 else (0.5, bad) if symbol == "gamma" else bad
+        with pytest.raises(ValueError, match="must be") as module_err:
+            DenselyAnchoredSampling(2, dim, **{r.kwarg: kwarg})  # type: ignore[arg-type]
+        assert rule in str(module_err.value)
+    # both ends of a closed range are valid in both places (an open end was refused above)
+    for end, is_open in ((r.low, r.low_open), (r.high, r.high_open)):
+        if is_open or symbol in ("Z", "T", "K"):  # (a bank of 100,000 rows per class is big to build)
+            continue
+        value = end
+        if symbol == "gamma":
+            TrainConfig(das_gamma_low=value / 2, das_gamma_high=value).validate()
+        else:
+            TrainConfig(**{r.fields[0]: value}).validate()
+            DenselyAnchoredSampling(2, 8, **{r.kwarg: value})  # type: ignore[arg-type]
+
+
+def test_slider_ranges_come_from_the_table() -> None:
+    """The sliders offer the table's UI range, widened to take a checkpoint's own value (within
+    the valid range), never past it; every default config value is inside the UI range."""
+    from das_core.training.ranges import DAS_RANGES, R_B, R_S, T
+
+    cfg = TrainConfig()
+    assert R_B.slider(cfg.das_r_b) == (R_B.ui_low, R_B.ui_high, cfg.das_r_b) == (0.0, 2.0, 0.01)
+    assert R_S.slider(cfg.das_r_s) == (0.001, 0.99, 0.01)
+    assert T.slider(cfg.das_num_produce) == (1, 10, 3)
+    assert R_B.slider(5.0) == (0.0, 5.0, 5.0)  # a checkpoint trained with r_b = 5 shows 5
+    assert R_B.slider(1e9) == (0.0, 2.0, 2.0)  # outside the valid range: clamped, not widened
+    assert R_S.slider(0.995) == (0.001, 0.995, 0.995)
+    for r in DAS_RANGES.values():
+        if r.ui_low is not None and r.ui_high is not None:
+            assert r.contains(r.ui_low) and r.contains(r.ui_high), f"{r.symbol}'s slider stays valid"
+            for f in r.fields:
+                default = getattr(cfg, f)
+                assert default is None or r.ui_low <= default <= r.ui_high
+
+
+def test_das_mode_and_splits_have_one_mapping_each() -> None:
+    """das_mode becomes the two DAS switches in one place (das_halves, used by das_kwargs and the
+    Explore page's toggles), and a config becomes its splits in one place (split_spec, which
+    passes every option load_splits takes)."""
+    import dataclasses
+    import inspect
+
+    from das_core.data import SplitSpec, load_splits
+
+    for mode, halves in (("both", (True, True)), ("dfs", (True, False)), ("mts", (False, True))):
+        cfg = TrainConfig(das_mode=mode)
+        assert cfg.das_halves() == halves
+        assert (cfg.das_kwargs()["use_dfs"], cfg.das_kwargs()["use_mts"]) == halves
+    cfg = TrainConfig(dataset="folder", data_root="/d", train_classes=3, val_fraction=0.2, seed=7, image_size=32)
+    spec = cfg.split_spec()
+    assert spec == SplitSpec("folder", "/d", 3, 0, 0.2, 7, 32)
+    assert cfg.split_spec("/other").data_root == "/other"
+    params = [p for p in inspect.signature(load_splits).parameters if p not in ("name", "data_root")]
+    assert sorted(params) == sorted(f.name for f in dataclasses.fields(SplitSpec) if f.name not in ("dataset", "data_root"))
+    hash(spec)  # the app caches the loaded splits on it

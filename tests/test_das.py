@@ -1,4 +1,4 @@
-"""Tests of das_core.das.DenselyAnchoredSampling against the per-sample reference port."""
+"""Tests of das_core.training.das.DenselyAnchoredSampling against the per-sample reference port."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.reference_das import ReferenceDAS  # noqa: E402
-from das_core.cuda_graphs import GraphCache  # noqa: E402
-from das_core.das import DASDtypeError, DenselyAnchoredSampling, _duplicate_representative  # noqa: E402
+from das_core.training.cuda_graphs import GraphCache  # noqa: E402
+from das_core.training.das import DASDtypeError, DenselyAnchoredSampling, _duplicate_representative  # noqa: E402
 
 PATHS = ("compact", "fixed")
 
@@ -762,3 +762,29 @@ def test_cuda_graph_forward_matches_eager_state_without_host_sync() -> None:
         cpu.load_state_dict({k: v.cpu() for k, v in graphed.state_dict().items()})
         check_produced(cpu, x, y, out[24:].detach().cpu(), 0.2, 0.5, mask=graphed.mask.cpu())
     assert len(graphed._graphs) == 1
+
+
+def test_bank_slots_replay_the_bank_through_produce() -> None:
+    """``produce(bank_slots=...)`` shifts round t of sample i by the chosen bank row (the DAS
+    internals preview: every memorised row once, oldest first), with produce's own arithmetic."""
+    gen = torch.Generator().manual_seed(3)
+    das = make(2, 6, bank_size=4, normalize=False)
+    for _ in range(3):  # 3 pairs x 2 directions per class per batch: the ring wraps around
+        das.update(*batch([0, 0, 0, 1, 1, 1], 6, gen))
+    slots = das.bank_slots(0)
+    assert torch.equal(das.bank[0, slots], das.bank_in_order(0)) and len(slots) == 4
+    v = torch.nn.functional.normalize(torch.randn(1, 6, generator=gen), dim=1)
+    out = das.produce(v, torch.tensor([0]), r_b=0.5, use_dfs=False, bank_slots=slots[:, None])
+    # the same float32 operations (0.5·t, then v + that): equal bit for bit
+    assert torch.equal(out, v + 0.5 * das.bank_in_order(0))
+    normed = das.produce(v, torch.tensor([0]), r_b=0.5, use_dfs=False, normalize=True, bank_slots=slots[:, None])
+    assert torch.equal(normed, torch.nn.functional.normalize(out, dim=1))
+    for bad, why in (
+        ({"bank_slots": slots[:, None].int()}, "int64"),
+        ({"bank_slots": slots[None, :]}, "shape"),
+        ({"bank_slots": torch.tensor([[4]])}, "bank size"),
+        ({"bank_slots": slots[:, None], "use_mts": False}, "use_mts"),
+        ({"bank_slots": slots[:, None], "num_produce": 3}, "disagrees"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            das.produce(v, torch.tensor([0]), **bad)  # type: ignore[arg-type]

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from das_core.config import ConfigError, TrainConfig
-from das_core.diagnostics import DASDiagnostics, weight_norms
-from das_core.losses import build_criterion, drop_own_copies
+from das_core.training.config import ConfigError, TrainConfig
+from das_core.training.diagnostics import DASDiagnostics, weight_norms
+from das_core.training.losses import build_criterion, drop_own_copies
 
 
 def _cfg(**kw: object) -> TrainConfig:
@@ -44,7 +44,7 @@ def test_exclude_own_copies_scores_the_filtered_tuples() -> None:
     from pytorch_metric_learning.losses import ContrastiveLoss
     from pytorch_metric_learning.utils.loss_and_miner_utils import get_all_pairs_indices
 
-    from das_core.losses import _lp_distance
+    from das_core.training.losses import _lp_distance
 
     cfg = _cfg(loss="contrastive", miner="none", das_exclude_own_copies=True)
     emb, y = _batch()

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from das_core.checkpoint import load_checkpoint
-from das_core.demo import DEMO_MODELS, DEMO_SEED, available_demos, demo_checkpoint, demo_dataset, demo_partner
-from das_core.presets import get_preset
+from das_core.store.checkpoint import load_checkpoint
+from das_core.store.demo import (
+    DEMO_MODELS,
+    DEMO_SEED,
+    available_demos,
+    demo_checkpoint,
+    demo_dataset,
+    demo_partner,
+)
+from das_core.training.presets import get_preset
 
 
 @pytest.mark.parametrize("name", list(DEMO_MODELS))
@@ -42,7 +49,7 @@ def cfg_das(path: object) -> bool:
 
 def test_demo_build_for_a_dataset_without_demos_names_those_with_demos() -> None:
     from das_core.data import DatasetError
-    from das_core.demo import build_demo
+    from das_core.store.demo import build_demo
 
     with pytest.raises(DatasetError, match="no demo is trained on 'cub200'; demos exist for: emoji-styles, fashion-mnist"):
         build_demo(dataset="cub200")

@@ -34,7 +34,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path: Path) -> None
     sys.path.insert(0, str(REPO / "tests"))
     from ddp_check import setup, train_steps
 
-    from das_core.distributed import DistContext
+    from das_core.training.distributed import DistContext
 
     proc = _torchrun([str(REPO / "tests" / "ddp_check.py"), str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,8 +81,8 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path: Path) -> None
 
 
 def test_torchrun_trains_and_only_rank_0_writes(tmp_path: Path) -> None:
-    from das_core.checkpoint import load_checkpoint
-    from das_core.io import read_jsonl
+    from das_core.store.checkpoint import load_checkpoint
+    from das_core.store.io import read_jsonl
 
     out = tmp_path / "run"
     args = [a for a in QUICK_DIGITS if a != "--no-progress"]

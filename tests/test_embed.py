@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from das_core.config import TrainConfig
 from das_core.data import load_splits
-from das_core.embed import embed_dataset, inference_model
 from das_core.models import build_model
+from das_core.models.embed import embed_dataset, inference_model
+from das_core.training.config import TrainConfig
 
 
 def test_inference_copy_folds_batchnorm_and_leaves_the_model_alone() -> None:

@@ -1,4 +1,4 @@
-"""Tests of das_core.evaluation against plain brute-force references and pytorch-metric-learning."""
+"""Tests of das_core.retrieval.evaluation against plain brute-force references and pytorch-metric-learning."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from das_core import evaluation as ev
-from das_core.evaluation import evaluate_embeddings, kmeans_labels, knn_indices, nmi, pair_f1
+from das_core.retrieval import knn
+from das_core.retrieval.evaluation import evaluate_embeddings, kmeans_labels, nmi, pair_f1
+from das_core.retrieval.knn import ExactKnn
 
 KS = (1, 2, 4, 8)
 RETRIEVAL_KEYS = [f"R@{k}" for k in KS] + ["MAP@R", "RP"]
@@ -36,7 +37,7 @@ PATHS = ["faiss", "torch", "torch-topk"]
 @pytest.fixture(params=PATHS)
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "torch-topk":
-        monkeypatch.setattr(ev, "_TORCH_SELECT_ON_CPU", True)
+        monkeypatch.setattr(knn, "_TORCH_SELECT_ON_CPU", True)
         return "torch"
     return str(request.param)
 
@@ -157,7 +158,7 @@ def test_query_is_excluded_by_index_not_by_first_column(path: str) -> None:
     _, raw = index.search(x, 4)
     assert raw[1].tolist() == [0, 1, 2, 3]  # the premise of the test
 
-    _, nbr = knn_indices(x, x, 2, exclude_self_index=np.arange(4), backend=path, device="cpu")  # type: ignore[arg-type]
+    _, nbr = ExactKnn(device="cpu", backend=path)(x, x, 2, exclude=np.arange(4))  # type: ignore[arg-type]
     assert nbr[1].tolist() == [0, 2]
     assert nbr[0].tolist() == [1, 2]
 
@@ -237,7 +238,7 @@ def test_large_r_path_matches_brute_force() -> None:
 def test_blocks_that_straddle_the_faiss_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
     # Class sizes from 1 to 40 with the faiss / dense switch lowered to k = 12: queries needing
     # few and many neighbours are searched by different paths in one call.
-    monkeypatch.setattr(ev, "FAISS_MAX_K", 12)
+    monkeypatch.setattr(knn, "FAISS_MAX_K", 12)
     rng = np.random.default_rng(11)
     y = np.repeat(np.arange(12), [1, 1, 2, 3, 5, 8, 10, 13, 17, 20, 30, 40])
     x = lattice((rng.standard_normal((y.size, 5)) + y[:, None] * 0.05) * 100)
@@ -328,18 +329,20 @@ def test_bad_options_raise() -> None:
         evaluate_embeddings(x, y, num_threads=-1, device="cpu")
 
 
-def test_knn_indices_bad_input() -> None:
+def test_knn_bad_input_and_caps() -> None:
     x = np.zeros((5, 3), dtype=np.float32)
+    search = ExactKnn(device="cpu")
     with pytest.raises(ValueError, match="dimension"):
-        knn_indices(x, np.zeros((5, 4)), 1)
+        search(x, np.zeros((5, 4)), 1)
     with pytest.raises(ValueError, match="k must be"):
-        knn_indices(x, x, 0)
-    with pytest.raises(ValueError, match="exceeds the gallery"):
-        knn_indices(x, x, 6)
-    with pytest.raises(ValueError, match="remain once the query is left out"):
-        knn_indices(x, x, 5, exclude_self_index=np.arange(5))
+        search(x, x, 0)
     with pytest.raises(ValueError, match="gallery indices or -1"):
-        knn_indices(x, x, 1, exclude_self_index=np.full(5, 7))
+        search(x, x, 1, exclude=np.full(5, 7))
+    with pytest.raises(ValueError, match="backend must be"):
+        ExactKnn(backend="annoy")  # type: ignore[arg-type]
+    # k is capped at the items searchable: the gallery, less the query when it is left out
+    assert search(x, x, 6)[1].shape == (5, 5)
+    assert search(x, x, 5, exclude=np.arange(5))[1].shape == (5, 4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
@@ -351,12 +354,13 @@ def test_cuda_requested_without_cuda() -> None:
 # --------------------------------------------------------------------------- kNN
 
 
-def test_knn_indices_matches_brute_force(path: str) -> None:
+def test_knn_matches_brute_force(path: str) -> None:
     rng = np.random.default_rng(1)
     q = lattice(rng.standard_normal((37, 5)) * 100)
     g = lattice(rng.standard_normal((50, 5)) * 100)
     g[10] = g[3]  # a tie
-    dist, idx = knn_indices(q, g, 6, chunk=8, backend=path, device="cpu")  # type: ignore[arg-type]
+    search = ExactKnn(device="cpu", backend=path)  # type: ignore[arg-type]
+    dist, idx = search(q, g, 6, chunk=8)
     d64 = np.sqrt(((q[:, None, :].astype(np.float64) - g[None, :, :]) ** 2).sum(-1))
     want = np.lexsort((np.broadcast_to(np.arange(50), d64.shape), d64), axis=1)[:, :6]
     assert idx.dtype == np.int64 and dist.dtype == np.float32
@@ -366,7 +370,7 @@ def test_knn_indices_matches_brute_force(path: str) -> None:
     np.testing.assert_allclose(dist, np.take_along_axis(d64, want, axis=1), rtol=2**-23, atol=0)
 
     # the set against itself, each query left out by index
-    _, self_idx = knn_indices(g, g, 5, exclude_self_index=np.arange(50), backend=path, device="cpu")  # type: ignore[arg-type]
+    _, self_idx = search(g, g, 5, exclude=np.arange(50))
     ranking = brute_force_ranking(g)
     assert self_idx.tolist() == [row[:5] for row in ranking]
 
@@ -448,7 +452,7 @@ def test_exact_selection_with_ties_and_skipped_entries() -> None:
     d[rng.random(d.shape) < 0.1] = np.nan
     d[d == 0] = -0.0
     for k in (1, 3, 10, 20):
-        dist, cols = ev._select_rows_numpy(d.copy(), k)
+        dist, cols = knn._select_rows_numpy(d.copy(), k)
         for i in range(d.shape[0]):
             valid = [j for j in range(d.shape[1]) if not np.isnan(d[i, j])]
             want = sorted(valid, key=lambda j, i=i: (d[i, j], j))[:k]

@@ -16,10 +16,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from das_core import jobs, reports
-from das_core.checkpoint import CheckpointError, load_checkpoint
-from das_core.config import ConfigError, TrainConfig, load_config_file
-from das_core.training import TrainingError, _check_metrics_file, _load_train_state, resolve_resume_config
+from das_core.explorer import runs_view
+from das_core.store import jobs
+from das_core.store.checkpoint import CheckpointError, load_checkpoint
+from das_core.training.config import ConfigError, TrainConfig, load_config_file
+from das_core.training.loop import (
+    TrainingError,
+    _check_metrics_file,
+    _load_train_state,
+    resolve_resume_config,
+)
 from tests.reliability_helpers import small_checkpoint, split_file, write_with_header
 
 FUZZ = settings(max_examples=40, deadline=10_000, suppress_health_check=[HealthCheck.too_slow], database=None)
@@ -128,9 +134,9 @@ def test_fuzz_run_folder(lines: list[str], config: str, state: bytes, info: Any)
             resolve_resume_config(run, {})
         except (TrainingError, ConfigError) as exc:
             assert len(str(exc)) < 2000
-        curves = reports.run_curves(run)
+        curves = runs_view.run_curves(run)
         assert len(set(curves["epoch"])) == len(curves["epoch"])
-        reports.run_row(run)
+        runs_view.run_row(run)
         model = torch.nn.Linear(2, 2)
         optimizer = torch.optim.Adam(model.parameters())
         for variant in ("raw", "meta"):

@@ -1,4 +1,4 @@
-"""Safe image opening (``das_core.images``) on generated files: one test per protection or
+"""Safe image opening (``das_core.data.images``) on generated files: one test per protection or
 normalisation, each written so that it fails if that protection is removed."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from das_core.images import MAX_PIXELS, MAX_UPLOAD_BYTES, ImageError, open_image, thumbnail, to_mode
+from das_core.data.images import MAX_PIXELS, MAX_UPLOAD_BYTES, ImageError, open_image, thumbnail, to_mode
 
 # --------------------------------------------------------------------------------------------
 # builders

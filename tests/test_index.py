@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from das_core import index as index_mod
-from das_core.index import APPROX_KIND, RetrievalIndex, recall_at_k, search_exact
+from das_core.retrieval import index as index_mod
+from das_core.retrieval.index import APPROX_KIND, RetrievalIndex, recall_at_k
+from das_core.retrieval.knn import L2_KNN
 
 
 def clustered(n: int, dim: int, classes: int, seed: int = 0, spread: float = 0.3) -> np.ndarray:
@@ -68,7 +69,7 @@ def test_exact_index_equals_brute_force(gallery: np.ndarray) -> None:
     np.testing.assert_array_equal(i1, ids[3])
     assert (np.abs(d1 - ref_d[3]) <= tol[3]).all()
     # the index-free exact search agrees too
-    np.testing.assert_array_equal(search_exact(gallery, queries, 7)[1], ref_i)
+    np.testing.assert_array_equal(L2_KNN(queries, gallery, 7)[1], ref_i)
 
 
 def test_k_is_capped_and_bad_input_refused(gallery: np.ndarray) -> None:
@@ -214,11 +215,11 @@ def test_approximate_recall_at_10(kind: str) -> None:
     data = clustered(6200, 32, classes=60, seed=4)
     x, queries = data[:6000], data[6000:]  # queries: new items of the same classes
     idx = RetrievalIndex.build(x, kind=kind, target_recall=0.95)
-    truth = search_exact(x, queries, 10)[1]
+    truth = L2_KNN(queries, x, 10)[1]
     recall = recall_at_k(idx.search(queries, 10)[1], truth)
     # a property, not a value: the index is tuned to recall 0.95 on its own sample (graph and
     # clustering may differ per machine and thread count); held-out queries of the same classes
-    # must keep most of it. The exact truth (search_exact) is decided in float32 too, but a
+    # must keep most of it. The exact truth (L2_KNN) is decided in float32 too, but a
     # swapped near-tie moves one of 200 × 10 hits, 5e-4 of recall.
     assert recall >= 0.9, (recall, idx.params)
     assert idx.params["tuned_recall@10"] >= 0.9

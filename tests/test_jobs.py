@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from das_core import jobs
-from das_core.config import ConfigError, TrainConfig
-from das_core.runs import list_runs
+from das_core.store import jobs
+from das_core.store.runs import list_runs
+from das_core.training.config import ConfigError, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {
@@ -36,6 +36,7 @@ LONG = {**TINY, "epochs": 1000, "steps_per_epoch": 100000}  # runs until cancell
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` (every 0.2 s) until it holds: a wait for the condition, with a deadline."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from das_core import cli, jobs
+from das_core import cli
 from das_core.crashlog import LAST_RESORT
+from das_core.store import jobs
 
 
 def _log_path(text: str) -> Path:

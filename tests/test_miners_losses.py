@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from das_core.config import LOSSES, MINERS, TrainConfig
-from das_core.losses import build_criterion
-from das_core.miners import (
+from das_core.training.config import LOSSES, MINERS, TrainConfig
+from das_core.training.losses import build_criterion
+from das_core.training.miners import (
     DistanceWeightedMiner,
     RandomMiner,
     SemiHardMiner,
@@ -185,7 +185,7 @@ def test_aux_loss_variant_adds_the_real_only_term() -> None:
 
 def test_das_normalize_off_is_not_undone_by_the_distance() -> None:
     """With das_normalize off, produced rows are not unit length and the loss must see that."""
-    from das_core.losses import _lp_distance
+    from das_core.training.losses import _lp_distance
 
     dist = _lp_distance()
     x = torch.tensor([[2.0, 0.0], [0.0, 1.0]])

@@ -1,4 +1,4 @@
-"""The dense multi-similarity miner + loss (das_core/ms_dense.py) against pytorch-metric-learning.
+"""The dense multi-similarity miner + loss (das_core/training/ms_dense.py) against pytorch-metric-learning.
 
 Tolerance: both sides compute the similarity matrix, the masked logsumexp and the mean with
 the same torch ops on the same float64 inputs; only the mask construction differs (index
@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch_helpers import criterion_steps, diagnostics_summary
+from dispatch_helpers import data_dependent_ops as _ops
 
-from das_core.config import TrainConfig
-from das_core.losses import Criterion, build_criterion
-from das_core.ms_dense import DenseMultiSimilarity, dense_multi_similarity
+from das_core.training.config import TrainConfig
+from das_core.training.losses import Criterion, build_criterion
+from das_core.training.ms_dense import DenseMultiSimilarity, dense_multi_similarity
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -73,7 +74,7 @@ def test_dense_ms_matches_pml_on_random_batches(eps: float | None, per_class: in
 
 
 def test_dense_ms_matches_pml_on_das_produced_rows() -> None:
-    from das_core.das import DenselyAnchoredSampling
+    from das_core.training.das import DenselyAnchoredSampling
 
     torch.manual_seed(3)
     das = DenselyAnchoredSampling(6, 16, num_produce=3, topk=2).double()
@@ -138,7 +139,7 @@ def _criterion(miner: str, **extra: Any) -> Criterion:
 
 @pytest.mark.parametrize("miner", ["multi-similarity", "none"])
 def test_criterion_uses_dense_ms_where_equivalent(miner: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import das_core.losses as losses
+    import das_core.training.losses as losses
 
     crit = _criterion(miner, das=True, das_num_produce=2, das_topk=2)
     assert crit.dense_ms is not None
@@ -161,7 +162,7 @@ def test_criterion_uses_dense_ms_where_equivalent(miner: str, monkeypatch: pytes
 
 
 def test_dense_ms_drops_own_copy_pairs_as_pml_path() -> None:
-    from das_core.losses import drop_own_copies
+    from das_core.training.losses import drop_own_copies
 
     gen = torch.Generator().manual_seed(9)
     emb, labels = _batch(gen, classes=4, per_class=2)
@@ -183,59 +184,19 @@ def test_dense_ms_drops_own_copy_pairs_as_pml_path() -> None:
     torch.testing.assert_close(g, g_ref, rtol=RTOL, atol=ATOL)
 
 
-class _DataDependentOps(TorchDispatchMode):
-    """Records every op whose output shape or a host value depends on the data."""
-
-    BAD = {"nonzero", "masked_select", "_local_scalar_dense", "item", "unique", "_unique2", "where"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = func.overloadpacket.__name__
-        if name in ("nonzero", "masked_select", "_local_scalar_dense", "item", "unique", "_unique2"):
-            self.seen.append(name)
-        if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
-            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-            if any(i is not None and i.dtype == torch.bool for i in indices):
-                self.seen.append(f"{name} with a boolean mask")
-        if name == "where" and len(args) == 1:  # torch.where(cond): a nonzero
-            self.seen.append("where(cond)")
-        return func(*args, **(kwargs or {}))
-
-
-def _ops(fn: Any) -> list[str]:
-    with _DataDependentOps() as mode:
-        fn()
-    return mode.seen
-
-
 @pytest.mark.parametrize("miner", ["multi-similarity", "none"])
 def test_dense_ms_criterion_has_no_data_dependent_ops(miner: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """What becomes a host synchronisation on CUDA, caught on the CPU: mining and loss,
     forward and backward, run without a data-dependent op, on a plain batch and on a
     DAS-enlarged one (DAS itself is checked in its own tests: its CPU path is allowed syncs)."""
-    import das_core.losses as losses
+    import das_core.training.losses as losses
 
     plain = _criterion(miner)
     crit = _criterion(miner, das=True, das_num_produce=2, das_topk=2)
     gen = torch.Generator().manual_seed(10)
     emb, labels = _batch(gen, classes=6, per_class=2)
     emb = torch.nn.functional.normalize(emb, dim=1)
-    assert crit.das is not None
-    crit.das(emb, labels)
-    produced, labels_all = crit.das(emb, labels)
-    source = torch.arange(len(emb)).repeat(len(labels_all) // len(emb))
-
-    def plain_step() -> None:
-        plain(emb.clone().requires_grad_(), labels).backward()
-
-    def das_step() -> None:
-        e = emb.clone().requires_grad_()
-        emb_all = torch.cat([e, produced[len(emb) :].detach()])
-        crit._penalised(emb_all, labels_all)[0].backward()
-        crit._penalised(emb_all, labels_all, source)[0].backward()  # --das-exclude-own-copies
+    plain_step, das_step = criterion_steps(plain, crit, emb, labels)
 
     monkeypatch.setattr(losses, "DENSE_MS_ON_CPU", True)
     assert _ops(plain_step) == []
@@ -249,22 +210,15 @@ def test_dense_ms_criterion_has_no_data_dependent_ops(miner: str, monkeypatch: p
 def test_das_diagnostics_same_with_dense_ms(exclude: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A diagnostics step lists the dense loss's pairs for DASDiagnostics: the same figures
     as with PML's miner (pair order differs; every figure is a sum over the pairs)."""
-    import das_core.losses as losses
-    from das_core.diagnostics import DASDiagnostics
-
+    import das_core.training.losses as losses
     summaries = []
     for on_cpu in (False, True):
         monkeypatch.setattr(losses, "DENSE_MS_ON_CPU", on_cpu)
         crit = _criterion("multi-similarity", das=True, das_num_produce=2, das_topk=2, das_exclude_own_copies=exclude)
-        diag = DASDiagnostics(2)
-        crit.diagnostics = diag
-        diag.start_epoch(2)
         gen = torch.Generator().manual_seed(12)
+        batches = [_batch(gen, classes=6, per_class=2) for _ in range(2)]
         torch.manual_seed(13)
-        for _ in range(2):
-            emb, labels = _batch(gen, classes=6, per_class=2)
-            crit(torch.nn.functional.normalize(emb, dim=1).requires_grad_(), labels)
-        summaries.append(diag.summary())
+        summaries.append(diagnostics_summary(crit, [(torch.nn.functional.normalize(e, dim=1), y) for e, y in batches]))
     assert summaries[0].keys() == summaries[1].keys() and "share_active" in summaries[0]
     for key, value in summaries[0].items():
         assert summaries[1][key] == pytest.approx(value, rel=RTOL, abs=ATOL), key

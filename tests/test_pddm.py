@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from das_core.config import TrainConfig
-from das_core.losses import build_criterion
-from das_core.pddm import (
+from das_core.training.config import TrainConfig
+from das_core.training.losses import build_criterion
+from das_core.training.pddm import (
     PDDMLoss,
     PDDMMiner,
     PDDMUnit,
@@ -159,7 +159,7 @@ def test_pair_scores_and_score_matrix_agree_with_forward() -> None:
 
 
 def test_pair_scores_chunks_large_requests(monkeypatch: pytest.MonkeyPatch) -> None:
-    import das_core.pddm as pddm
+    import das_core.training.pddm as pddm
 
     unit = PDDMUnit(4).double()
     x = F.normalize(torch.randn(9, 4, dtype=torch.float64), dim=1)
@@ -451,7 +451,7 @@ def test_miner_without_quadruplet() -> None:
 
 def _needs_das(das: bool) -> None:
     if das:
-        pytest.importorskip("das_core.das", reason="DAS (das_core/das.py) is not importable yet")
+        pytest.importorskip("das_core.training.das", reason="DAS (das_core/training/das.py) is not importable yet")
 
 
 @pytest.mark.parametrize("das", [False, True])

@@ -7,19 +7,18 @@ import json
 import numpy as np
 import pytest
 
-from das_core import projection
-from das_core.cache import EmbeddingSet
-from das_core.projection import (
+from das_core.explorer import maps, umap_fit
+from das_core.explorer.compare import align_to, displacement, moved_most
+from das_core.explorer.maps import get_map
+from das_core.explorer.umap_fit import (
+    MapParams,
     MapResult,
-    align_to,
-    displacement,
     fit_map,
-    get_map,
     joint_map,
-    moved_most,
     place_points,
     stratified_sample,
 )
+from das_core.store.cache import EmbeddingSet
 
 
 def clustered(n: int, d: int = 16, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +31,7 @@ def clustered(n: int, d: int = 16, classes: int = 3, seed: int = 0) -> tuple[np.
 
 def test_fit_map_capped_sample_records_fitted_points() -> None:
     x, y = clustered(600)
-    res = fit_map(x, labels=y, max_fit=400, seed=1)
+    res = fit_map(x, labels=y, params=MapParams(max_fit=400), seed=1)
     assert res.coords.shape == (600, 2) and res.coords.dtype == np.float32
     assert res.fitted.shape == (600,) and res.fitted.dtype == bool
     assert res.n_fitted == 400
@@ -46,11 +45,11 @@ def test_fit_map_capped_sample_records_fitted_points() -> None:
     assert "400 of 600" in res.method
     # placing into the fitted points: a fitted point's copy lands on its own position
     fitted = np.flatnonzero(res.fitted)[:5]
-    np.testing.assert_array_equal(projection.map_placer(res, x)(x[fitted]), res.coords[fitted])
+    np.testing.assert_array_equal(umap_fit.map_placer(res, x)(x[fitted]), res.coords[fitted])
     # clusters survive: each point's nearest map neighbour mostly has its label
-    from das_core.projection import knn_search
+    from das_core.retrieval.knn import EXPLORER_KNN
 
-    _, idx = knn_search(res.coords, res.coords, 2)
+    _, idx = EXPLORER_KNN(res.coords, res.coords, 2)
     assert (y[idx[:, 1]] == y).mean() > 0.9
 
 
@@ -101,8 +100,8 @@ def test_place_points_copy_lands_exactly_and_midpoint_interpolates() -> None:
 def test_get_map_caches_with_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = clustered(300, seed=3)
     es = EmbeddingSet(x, y, ["a", "b", "c"], "test", "synthetic", "k" * 16)
-    first = get_map(es, seed=0, max_fit=250)
-    path = projection.map_path(es, seed=0, params=projection._params(15, 0.1, 250, 10, 200))
+    first = get_map(es, seed=0, params=MapParams(max_fit=250))
+    path = maps.map_path(es, seed=0, params=MapParams(max_fit=250).as_dict())
     assert path.is_file() and path.with_suffix(".json").is_file()
     side = json.loads(path.with_suffix(".json").read_text())
     assert side["versions"]["umap-learn"] == first.versions["umap-learn"] and side["seed"] == 0
@@ -111,15 +110,15 @@ def test_get_map_caches_with_versions(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("refitted instead of reading the cache")
 
     with monkeypatch.context() as m:  # (not monkeypatch.undo(): that would drop DAS_CACHE_DIR too)
-        m.setattr(projection, "fit_map", no_fit)
-        again = get_map(es, seed=0, max_fit=250)
+        m.setattr(maps, "fit_map", no_fit)
+        again = get_map(es, seed=0, params=MapParams(max_fit=250))
     np.testing.assert_array_equal(again.coords, first.coords)
     np.testing.assert_array_equal(again.fitted, first.fitted)
     assert again.versions == first.versions and again.params == first.params
     assert again.meta["checkpoint_key"] == "k" * 16
     # a truncated file is refitted, not an error
     path.write_bytes(path.read_bytes()[:100])
-    refit = get_map(es, seed=0, max_fit=250)
+    refit = get_map(es, seed=0, params=MapParams(max_fit=250))
     np.testing.assert_array_equal(refit.coords, first.coords)
 
 
@@ -155,7 +154,7 @@ def test_joint_map_shapes() -> None:
     x, y = clustered(300, seed=4)
     rng = np.random.default_rng(0)
     produced = x[:60] + rng.normal(scale=0.05, size=(60, x.shape[1])).astype(np.float32)
-    r, p = joint_map(x, produced, labels=y, max_fit=200, seed=0)
+    r, p = joint_map(x, produced, labels=y, params=MapParams(max_fit=200), seed=0)
     assert r.shape == (300, 2) and p.shape == (60, 2)
     assert np.isfinite(r).all() and np.isfinite(p).all()
 
@@ -198,7 +197,7 @@ def test_placer_reuses_its_index() -> None:
     ref = rng.normal(size=(300, 6)).astype(np.float32)
     xy = rng.normal(size=(300, 2)).astype(np.float32)
     new = rng.normal(size=(20, 6)).astype(np.float32)
-    placer = projection.Placer(xy, ref, k=5)
+    placer = umap_fit.Placer(xy, ref, k=5)
     np.testing.assert_array_equal(placer(new), place_points(xy, ref, new, k=5))
     np.testing.assert_array_equal(placer(new[:3]), place_points(xy, ref, new[:3], k=5))
 
@@ -206,11 +205,12 @@ def test_placer_reuses_its_index() -> None:
 def test_fuzzy_graph_matches_umap() -> None:
     import warnings
 
-    from das_core.projection import fuzzy_graph, knn_search, l2_normalize
+    from das_core.explorer.umap_fit import fuzzy_graph
+    from das_core.retrieval.knn import EXPLORER_KNN, l2_normalize
 
     x, _ = clustered(200, seed=6)
     x = l2_normalize(x)
-    dist, idx = knn_search(x, x, 10)
+    dist, idx = EXPLORER_KNN(x, x, 10)
     ours = fuzzy_graph(idx, dist).tocsr()
     assert abs(ours - ours.T).max() == 0  # symmetric
     assert ours.max() <= 1.0 and ours.min() >= 0.0

@@ -12,9 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from das_core.config import ConfigError, TrainConfig, load_config_file
-from das_core.das import DenselyAnchoredSampling
-from das_core.evaluation import evaluate_embeddings
+from das_core.retrieval.evaluation import evaluate_embeddings
+from das_core.training.config import ConfigError, TrainConfig, load_config_file
+from das_core.training.das import DenselyAnchoredSampling
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                       HealthCheck.function_scoped_fixture])

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from das_core.config import ConfigError, TrainConfig
-from das_core.das import DenselyAnchoredSampling
 from das_core.data.sampler import MPerClassBatchSampler
-from das_core.losses import build_criterion
-from das_core.presets import PRESETS
-from das_core.training import best_test_epoch, lr_factor
+from das_core.training.config import ConfigError, TrainConfig
+from das_core.training.das import DenselyAnchoredSampling
+from das_core.training.loop import best_test_epoch, lr_factor
+from das_core.training.losses import build_criterion
+from das_core.training.presets import PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference_das import ReferenceDAS
@@ -152,8 +152,8 @@ def test_recipe_options_are_validated(values: dict[str, object], field: str) -> 
 
 
 def test_lr_per_epoch_in_a_training_run(tmp_path: Path) -> None:
-    from das_core.io import read_jsonl
-    from das_core.training import train
+    from das_core.store.io import read_jsonl
+    from das_core.training.loop import train
 
     cfg = TrainConfig(
         dataset="digits", backbone="small-cnn", embedding_dim=16, batch_size=20, samples_per_class=4,
@@ -168,8 +168,8 @@ def test_lr_per_epoch_in_a_training_run(tmp_path: Path) -> None:
 def test_lr_schedule_survives_resume(tmp_path: Path) -> None:
     """Stopped after epoch 2 (lr already halved) and resumed, the run continues the schedule
     from the base lr (kept in the optimiser state), not from the multiplied one."""
-    from das_core.io import read_jsonl
-    from das_core.training import resolve_resume_config, train
+    from das_core.store.io import read_jsonl
+    from das_core.training.loop import resolve_resume_config, train
 
     cfg = TrainConfig(
         dataset="digits", backbone="small-cnn", embedding_dim=16, batch_size=20, samples_per_class=4,
@@ -260,7 +260,7 @@ def test_asymmetric_gamma_range() -> None:
 
 
 def test_gamma_range_from_config_and_r_s_shorthand() -> None:
-    from das_core.losses import build_das
+    from das_core.training.losses import build_das
 
     sym = build_das(TrainConfig(das=True, das_r_s=0.2), 3)
     asym = build_das(TrainConfig(das=True, das_gamma_low=0.5, das_gamma_high=2.0), 3)
@@ -400,7 +400,7 @@ def test_summary_records_best_test_epoch(digits_run: Path, capsys: pytest.Captur
 
 def test_recipe_options_from_flags_and_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from das_core.cli import main
-    from das_core.config import load_config_file
+    from das_core.training.config import load_config_file
 
     args = ["train", "--preset", "cpu-quick", "--dry-run", "--lr-schedule", "multistep", "--lr-milestones", "10,20",
             "--lr-factor", "0.5", "--das-gamma-low", "0.5", "--das-gamma-high", "2", "--das-bank-overflow", "authors",

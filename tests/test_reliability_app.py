@@ -13,10 +13,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_helpers import digits_runs_root, fake_checkpoint
-from das_core import uploads
-from das_core.checkpoint import CheckpointError
-from das_core.config import TrainConfig
-from das_core.datapolicy import DataPolicyError, allowed_data_roots, check_data_access
+from das_core.data.policy import DataPolicyError, allowed_data_roots, check_data_access
+from das_core.store import uploads
+from das_core.store.checkpoint import CheckpointError
+from das_core.training.config import TrainConfig
 from tests.fixtures import make_image_folder
 from tests.reliability_helpers import edited, small_checkpoint, split_file, write_with_header
 

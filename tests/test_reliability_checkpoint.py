@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from das_core.checkpoint import CheckpointError, load_checkpoint
+from das_core.store.checkpoint import CheckpointError, load_checkpoint
 from tests.reliability_helpers import (
     cli_refuses,
     edited,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from das_core.config import ConfigError, TrainConfig, load_config_file
+from das_core.training.config import ConfigError, TrainConfig, load_config_file
 from tests.reliability_helpers import cli_refuses
 
 

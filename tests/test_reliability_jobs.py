@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from das_core import jobs
+from das_core.store import jobs
 
 
 def _job(root: Path, folder: str, **fields: Any) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from das_core.io import read_jsonl
+from das_core.store.io import read_jsonl
 from tests.conftest import QUICK_DIGITS
 from tests.reliability_helpers import cli_refuses, edited
 

@@ -1,4 +1,4 @@
-"""das_core.reports: what the Retrieve, Train and Compare pages show."""
+"""The Retrieve, Train and Compare pages' library side: retrieval.query, explorer.train_form, runs_view, bench_view, compare."""
 
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from das_core import reports
-from das_core.config import ConfigError, TrainConfig
-from das_core.index import RetrievalIndex
-from das_core.presets import PRESETS
+from das_core.explorer import bench_view, compare, runs_view, train_form
+from das_core.retrieval import query
+from das_core.retrieval.index import RetrievalIndex
+from das_core.training.config import ConfigError, TrainConfig
+from das_core.training.presets import PRESETS
 
 # -- one query ------------------------------------------------------------------------------------
 
 
 def test_query_summary_marks_and_recall() -> None:
-    s = reports.query_summary([False, True, False, True, True])
+    s = query.query_summary([False, True, False, True, True])
     assert s["k"] == 5 and s["hits"] == 3 and s["first_hit"] == 2
     assert (s["R@1"], s["R@2"], s["R@4"]) == (0.0, 1.0, 1.0)
     assert "R@8" not in s  # only ranks that exist
@@ -29,10 +30,10 @@ def test_query_summary_marks_and_recall() -> None:
     # AP over the hits: (1/2 + 2/4 + 3/5) / 3
     assert s["AP@k"] == pytest.approx((0.5 + 0.5 + 0.6) / 3)
     # with 10 relevant items in the gallery, normalised by min(k, relevant) = 5
-    assert reports.query_summary([False, True, False, True, True], relevant=10)["AP@k"] == pytest.approx(1.6 / 5)
-    none = reports.query_summary(None, relevant=None)
+    assert query.query_summary([False, True, False, True, True], relevant=10)["AP@k"] == pytest.approx(1.6 / 5)
+    none = query.query_summary(None, relevant=None)
     assert none["hits"] is None and none["P@k"] is None
-    miss = reports.query_summary([False, False])
+    miss = query.query_summary([False, False])
     assert miss["first_hit"] is None and miss["AP@k"] == 0.0 and miss["R@1"] == 0.0
 
 
@@ -42,7 +43,7 @@ def test_retrieve_excludes_the_query_and_marks_results() -> None:
     labels = np.repeat(np.arange(3), 10)
     x = centres[labels] + rng.normal(scale=0.1, size=(30, 8)).astype(np.float32)
     index = RetrievalIndex.build(x)
-    r = reports.retrieve(index, labels, x[4], 5, query_label=0, exclude=4)
+    r = query.retrieve(index, labels, x[4], 5, query_label=0, exclude=4)
     assert r.k == 5 and 4 not in r.indices.tolist()
     assert np.all(np.diff(r.distances) >= 0)
     assert r.correct is not None and r.correct.all()
@@ -50,30 +51,30 @@ def test_retrieve_excludes_the_query_and_marks_results() -> None:
     assert r.summary()["R@1"] == 1.0 and r.summary()["AP@k"] == pytest.approx(1.0)
     # no exclusion: the query itself comes first at distance 0 ... up to faiss's rounding, when
     # it takes |q|^2 + |g|^2 - 2 q.g (d + 2 = 10 terms): squared error <= 10·2^-24·(2|x|)^2
-    r2 = reports.retrieve(index, labels, x[4], 3)
+    r2 = query.retrieve(index, labels, x[4], 3)
     zero_tol = float(np.sqrt(10 * 2.0**-24) * 2 * np.linalg.norm(x[4]))
     assert r2.indices[0] == 4 and r2.distances[0] == pytest.approx(0.0, abs=zero_tol)
     assert r2.correct is None and r2.summary()["hits"] is None
     # a wrong label: every result wrong
-    r3 = reports.retrieve(index, labels, x[4], 3, query_label=2)
+    r3 = query.retrieve(index, labels, x[4], 3, query_label=2)
     assert r3.correct is not None and not r3.correct.any() and r3.relevant == 10
     with pytest.raises(ValueError, match="labels"):
-        reports.retrieve(index, labels[:5], x[0], 3)
+        query.retrieve(index, labels[:5], x[0], 3)
 
 
 def test_embed_images_matches_the_gallery_embeddings(digits_run: Path) -> None:
     """A gallery image embedded through ``prepare`` (the query path) lands on its cached
     gallery embedding (the batch path): the same preprocessing."""
-    from das_core.checkpoint import load_checkpoint
-    from das_core.embed import embed_dataset
-    from das_core.training import load_splits_for
+    from das_core.models.embed import embed_dataset
+    from das_core.store.checkpoint import load_checkpoint
+    from das_core.training.loop import load_splits_for
 
     ckpt = load_checkpoint(digits_run)
     model = ckpt.build_model("cpu")
     test = load_splits_for(ckpt.config).test
     gallery, _ = embed_dataset(model, test, batch_size=64)
     picks = [0, 7, len(test) - 1]
-    q = reports.embed_images(model, [test.load_image(i) for i in picks])
+    q = query.embed_images(model, [test.load_image(i) for i in picks])
     assert q.shape == (3, ckpt.config.embedding_dim) and q.dtype == np.float32
     # The claim is the preprocessing: the query path's inputs are the gallery path's, bit for bit.
     # The gallery runs the BatchNorm-folded copy (inference_model) in batches of 64, the query
@@ -83,7 +84,7 @@ def test_embed_images_matches_the_gallery_embeddings(digits_run: Path) -> None:
     import torch
 
     from das_core.data.base import uint8_batch
-    from das_core.embed import inference_model
+    from das_core.models.embed import inference_model
 
     prep = model.preprocessing
     x_query = torch.cat([prep.prepare(test.load_image(i)) for i in picks])
@@ -103,30 +104,30 @@ def test_embed_images_matches_the_gallery_embeddings(digits_run: Path) -> None:
     from PIL import Image
 
     rgb = Image.new("RGB", (57, 31), (200, 10, 10))
-    assert reports.embed_images(model, [rgb]).shape == (1, ckpt.config.embedding_dim)
-    assert reports.embed_images(model, []).shape == (0, ckpt.config.embedding_dim)
+    assert query.embed_images(model, [rgb]).shape == (1, ckpt.config.embedding_dim)
+    assert query.embed_images(model, []).shape == (0, ckpt.config.embedding_dim)
 
 
 def test_sample_names() -> None:
     names = ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot", "T-shirt/top"]
-    assert reports.slug("T-shirt/top") == "t-shirt-top"
-    assert reports.parse_sample_name("ankle-boot-test20419.png", names) == (4, "test", 20419)
-    assert reports.parse_sample_name("bag-val12.jpg", names) == (3, "val", 12)
-    assert reports.parse_sample_name("t-shirt-top.webp", names) == (5, None, None)
-    assert reports.parse_sample_name("shirt-2.png", names) == (1, None, None)
-    assert reports.parse_sample_name("dog-test3.png", names) == (None, "test", 3)
-    assert reports.parse_sample_name("holiday.png", names) == (None, None, None)
+    assert query.slug("T-shirt/top") == "t-shirt-top"
+    assert query.parse_sample_name("ankle-boot-test20419.png", names) == (4, "test", 20419)
+    assert query.parse_sample_name("bag-val12.jpg", names) == (3, "val", 12)
+    assert query.parse_sample_name("t-shirt-top.webp", names) == (5, None, None)
+    assert query.parse_sample_name("shirt-2.png", names) == (1, None, None)
+    assert query.parse_sample_name("dog-test3.png", names) == (None, "test", 3)
+    assert query.parse_sample_name("holiday.png", names) == (None, None, None)
 
 
 def test_sample_queries_lists_images_only(tmp_path: Path) -> None:
     (tmp_path / "bag-test3.png").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("no")
     (tmp_path / "sandal.JPG").write_bytes(b"x")
-    got = reports.sample_queries(tmp_path, ["Sandal", "Bag"])
+    got = query.sample_queries(tmp_path, ["Sandal", "Bag"])
     assert [(s.name, s.label, s.split, s.index) for s in got] == [("bag-test3.png", 1, "test", 3), ("sandal.JPG", 0, None, None)]
-    assert reports.sample_queries(tmp_path / "missing", ["Bag"]) == []
+    assert query.sample_queries(tmp_path / "missing", ["Bag"]) == []
     # the shipped samples name the Fashion-MNIST test classes
-    shipped = reports.sample_queries(Path(__file__).resolve().parent.parent / "assets" / "queries",
+    shipped = query.sample_queries(Path(__file__).resolve().parent.parent / "assets" / "queries",
                                      ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"])
     assert shipped and all(s.label is not None and s.split == "test" for s in shipped)
 
@@ -135,9 +136,9 @@ def test_sample_queries_lists_images_only(tmp_path: Path) -> None:
 
 
 def test_config_fields_cover_every_option_with_its_rule() -> None:
-    specs = {s.name: s for s in reports.config_fields()}
+    specs = {s.name: s for s in train_form.config_fields()}
     assert list(specs) == list(TrainConfig.field_names())
-    assert sum(len(v) for v in reports.fields_by_group().values()) == len(specs)
+    assert sum(len(v) for v in train_form.fields_by_group().values()) == len(specs)
     assert specs["dataset"].kind == "choice" and specs["dataset"].choices is not None
     assert specs["das"].kind == "bool" and specs["pretrained"].kind == "bool"
     r_s = specs["das_r_s"]
@@ -157,20 +158,20 @@ def test_config_fields_cover_every_option_with_its_rule() -> None:
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_form_values_of_every_preset_build_its_config(name: str) -> None:
-    values = reports.form_values(name)
+    values = train_form.form_values(name)
     assert set(values) == set(TrainConfig.field_names())
-    assert reports.config_from_form(values) == PRESETS[name].config()
+    assert train_form.config_from_form(values) == PRESETS[name].config()
 
 
 def test_config_from_form_refuses_with_the_rule() -> None:
-    values = reports.form_values("cpu-quick")
+    values = train_form.form_values("cpu-quick")
     with pytest.raises(ConfigError) as err:
-        reports.config_from_form({**values, "das_r_s": 1.5})
-    shown = reports.describe_config_error(err.value)
+        train_form.config_from_form({**values, "das_r_s": 1.5})
+    shown = train_form.describe_config_error(err.value)
     assert shown["field"] == "das_r_s" and shown["value"] == "1.5" and "< 1" in shown["allowed"]
     with pytest.raises(ConfigError, match="multiple of samples_per_class"):
-        reports.config_from_form({**values, "batch_size": 55})
-    cfg = reports.config_from_form({**values, "data_root": "  ", "margin": None, "steps_per_epoch": 3})
+        train_form.config_from_form({**values, "batch_size": 55})
+    cfg = train_form.config_from_form({**values, "data_root": "  ", "margin": None, "steps_per_epoch": 3})
     assert cfg.data_root is None and cfg.margin is None and cfg.steps_per_epoch == 3
 
 
@@ -178,7 +179,7 @@ def test_cli_command_round_trips_through_the_cli_parser() -> None:
     from das_core.cli import build_parser
 
     cfg = PRESETS["cpu-demo"].config(das_r_s=0.05, pretrained=False, data_root="/data/my folder", steps_per_epoch=7)
-    cmd = reports.cli_command(cfg)
+    cmd = train_form.cli_command(cfg)
     assert cmd.startswith("python -m das_core train ") and "--no-pretrained" in cmd and "--out" not in cmd
     args = vars(build_parser().parse_args(shlex.split(cmd)[3:]))
     parsed = TrainConfig.from_mapping({k: v for k, v in args.items() if k in TrainConfig.field_names()})
@@ -186,13 +187,13 @@ def test_cli_command_round_trips_through_the_cli_parser() -> None:
 
 
 def test_progress_summary() -> None:
-    p = reports.progress_summary({"state": "training", "epoch": 2, "epochs": 4, "step": 5, "steps": 10,
+    p = runs_view.progress_summary({"state": "training", "epoch": 2, "epochs": 4, "step": 5, "steps": 10,
                                   "loss": 0.25, "eta": 125.0})
     assert p["fraction"] == pytest.approx((10 + 5) / 40)  # one float64 division each side
     assert "epoch 2/4" in p["text"] and "step 5/10" in p["text"] and "ETA 2 min 05 s" in p["text"]
-    assert reports.progress_summary({})["fraction"] == 0.0 and reports.progress_summary({})["text"] == "starting…"
-    assert "evaluating" in reports.progress_summary({"state": "evaluating", "epoch": 1, "epochs": 1})["text"]
-    assert reports.format_seconds(42) == "42 s" and reports.format_seconds(7260) == "2 h 01 min"
+    assert runs_view.progress_summary({})["fraction"] == 0.0 and runs_view.progress_summary({})["text"] == "starting…"
+    assert "evaluating" in runs_view.progress_summary({"state": "evaluating", "epoch": 1, "epochs": 1})["text"]
+    assert runs_view.format_seconds(42) == "42 s" and runs_view.format_seconds(7260) == "2 h 01 min"
 
 
 # -- runs, curves, benchmarks ---------------------------------------------------------------------
@@ -220,14 +221,14 @@ def test_runs_table_lists_runs_and_demos(digits_run: Path, tmp_path: Path) -> No
     shutil.copyfile(digits_run / "best.safetensors", demo)
     shutil.copyfile(digits_run / "metrics.jsonl", demo_dir / "toy-das.metrics.jsonl")
 
-    rows = reports.runs_table(root, demos=[demo, demo_dir / "absent.safetensors"])
+    rows = runs_view.runs_table(root, demos=[demo, demo_dir / "absent.safetensors"])
     by = {r["name"]: r for r in rows}
     assert list(by)[0] == "toy-das" and set(by) == {"toy-das", "digits", "partial"}
     summary = json.loads((digits_run / "summary.json").read_text())
     d = by["digits"]
     assert d["kind"] == "run" and d["dataset"] == "digits" and d["DAS"] is True and d["state"] == "done"
     assert d["loss"] == "triplet" and d["seed"] == 3 and d["epochs"] == 2 == d["planned"]
-    for m in reports.METRICS:  # the same float64 numbers read back from JSON (exact round trip)
+    for m in runs_view.METRICS:  # the same float64 numbers read back from JSON (exact round trip)
         assert d[m] == pytest.approx(summary["last"]["test"][m])
         assert d[f"sel. {m}"] == pytest.approx(summary["selected"]["test"][m])
     assert d["test epoch"] == 2 and d["selected epoch"] == summary["selected_epoch"]
@@ -239,10 +240,10 @@ def test_runs_table_lists_runs_and_demos(digits_run: Path, tmp_path: Path) -> No
     assert t["kind"] == "demo" and t["DAS"] is True and t["R@1"] == pytest.approx(d["R@1"])
     assert t["selected epoch"] == summary["selected_epoch"]  # the checkpoint's own epoch
     assert t["metrics"].endswith("toy-das.metrics.jsonl")
-    assert reports.runs_table(tmp_path / "nothing") == []
+    assert runs_view.runs_table(tmp_path / "nothing") == []
     # one run's row alone (the Train page's finished jobs)
-    assert reports.run_row(root / "digits") == d and reports.run_row(partial) == p
-    assert reports.run_row(root / "empty") is None
+    assert runs_view.run_row(root / "digits") == d and runs_view.run_row(partial) == p
+    assert runs_view.run_row(root / "empty") is None
 
 
 def test_run_curves() -> None:
@@ -252,21 +253,21 @@ def test_run_curves() -> None:
         {"epoch": 3, "train_loss": 0.7, "test": {"R@1": 0.6}, "val": {"R@1": 0.7}},
         {"epoch": 2, "train_loss": 0.75},  # a resumed epoch: the last record wins
     ]
-    c = reports.run_curves(recs)
+    c = runs_view.run_curves(recs)
     assert c["epoch"] == [1.0, 2.0, 3.0] and c["train_loss"] == [0.9, 0.75, 0.7]
     assert c["test R@1"][0] == 0.5 and math.isnan(c["test R@1"][1]) and c["test R@1"][2] == 0.6
     assert math.isnan(c["val R@1"][0]) and c["val R@1"][2] == 0.7
-    assert reports.run_curves([])["epoch"] == []
+    assert runs_view.run_curves([])["epoch"] == []
 
 
 def test_run_curves_reads_a_run_folder(digits_run: Path) -> None:
-    c = reports.run_curves(digits_run)
+    c = runs_view.run_curves(digits_run)
     assert c["epoch"] == [1.0, 2.0] and all(v == v for v in c["val R@1"])
-    assert reports.run_curves(digits_run / "metrics.jsonl") == c
+    assert runs_view.run_curves(digits_run / "metrics.jsonl") == c
 
 
 def test_bench_summary(tmp_path: Path) -> None:
-    empty = reports.bench_summary(tmp_path)
+    empty = bench_view.bench_summary(tmp_path)
     assert empty["das"] is None and empty["step"] is None
     assert any("make bench-das" in m for m in empty["missing"]) and len(empty["missing"]) == 2
     das = {
@@ -282,7 +283,7 @@ def test_bench_summary(tmp_path: Path) -> None:
     (tmp_path / "das_step_quick.json").write_text(json.dumps(
         {"setting": "small CNN", "rows": [{"loss": "triplet", "miner": "semi-hard", "plain_ms": 100.04, "das_ms": 120.0,
                                             "ratio": 1.2}], "worst_ratio_ours": 1.2, "target": 1.5, "passed": True}))
-    got = reports.bench_summary(tmp_path)
+    got = bench_view.bench_summary(tmp_path)
     rows = got["das"]["rows"]
     assert not got["das"]["quick"] and rows[0]["R@1"] == "70.00 ± 1.00"
     assert rows[1]["R@1"] == "72.50 ± 0.50 (+2.50)" and rows[1]["MAP@R"] == "19.00 ± 0.50 (-1.00)"
@@ -290,7 +291,7 @@ def test_bench_summary(tmp_path: Path) -> None:
     assert got["step"]["extra"]["passed"] is True
     assert len(got["missing"]) == 1 and "quick" in got["missing"][0]
     (tmp_path / "das_step.json").write_text("{not json")  # unreadable: the quick one is still used
-    assert reports.bench_summary(tmp_path)["step"]["quick"]
+    assert bench_view.bench_summary(tmp_path)["step"]["quick"]
 
 
 # -- two checkpoints ------------------------------------------------------------------------------
@@ -298,14 +299,14 @@ def test_bench_summary(tmp_path: Path) -> None:
 
 def test_comparable() -> None:
     a = TrainConfig(dataset="digits")
-    assert reports.comparable(a, a.replace(das=True, seed=5), "test") is None
-    assert "different datasets" in str(reports.comparable(a, TrainConfig(dataset="fashion-mnist"), "test"))
+    assert compare.comparable(a, a.replace(das=True, seed=5), "test") is None
+    assert "different datasets" in str(compare.comparable(a, TrainConfig(dataset="fashion-mnist"), "test"))
     b = a.replace(val_fraction=0.2)
-    assert reports.comparable(a, b, "test") is None  # the test classes are the same images
-    assert "val_fraction" in str(reports.comparable(a, b, "train"))
-    assert "seed" in str(reports.comparable(b, b.replace(seed=1), "train"))
-    assert reports.comparable(a, a.replace(seed=1), "train") is None  # no validation carved: seed is moot
-    assert reports.comparable(a, a.replace(data_root="/elsewhere"), "test") is not None
+    assert compare.comparable(a, b, "test") is None  # the test classes are the same images
+    assert "val_fraction" in str(compare.comparable(a, b, "train"))
+    assert "seed" in str(compare.comparable(b, b.replace(seed=1), "train"))
+    assert compare.comparable(a, a.replace(seed=1), "train") is None  # no validation carved: seed is moot
+    assert compare.comparable(a, a.replace(data_root="/elsewhere"), "test") is not None
 
 
 def test_map_shift_finds_the_points_that_moved() -> None:
@@ -318,7 +319,7 @@ def test_map_shift_finds_the_points_that_moved() -> None:
     b[movers] += np.array([8.0, 8.0], np.float32)
     labels = np.arange(200) % 4
     emb = rng.normal(size=(200, 6)).astype(np.float32)
-    shift = reports.map_shift(a, b, labels, ["w", "x", "y", "z"], emb_a=emb, emb_b=emb, k=3, neighbours=5)
+    shift = compare.map_shift(a, b, labels, ["w", "x", "y", "z"], emb_a=emb, emb_b=emb, k=3, neighbours=5)
     assert set(shift.moved.tolist()) == set(movers.tolist())
     rest = np.setdiff1d(np.arange(200), movers)
     # b is an exact similarity transform of a but for float32 rounding (|b| < 20: 1e-6), and the
@@ -329,4 +330,4 @@ def test_map_shift_finds_the_points_that_moved() -> None:
     assert row["rank"] == 1 and row["class"] == ["w", "x", "y", "z"][labels[row["index"]]]
     assert row["own class in 5-NN (A)"] == row["own class in 5-NN (B)"]  # same embeddings
     with pytest.raises(ValueError, match="same points"):
-        reports.map_shift(a, b[:10], labels, ["w"])
+        compare.map_shift(a, b[:10], labels, ["w"])

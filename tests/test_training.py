@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import QUICK_DIGITS, REPO
-from das_core.checkpoint import load_checkpoint
 from das_core.cli import main
-from das_core.io import read_jsonl
+from das_core.store.checkpoint import load_checkpoint
+from das_core.store.io import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 ) -> None:
     assert _train(tmp_path / "r", "--epochs", "1") == 0
     good = (tmp_path / "r" / "last.safetensors").read_bytes()
-    from das_core import losses
+    from das_core.training import losses
 
     original = losses.Criterion.forward
     calls = {"n": 0}

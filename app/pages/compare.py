@@ -11,9 +11,9 @@ import streamlit as st
 
 from app import plots, state, widgets
 from app.hover import enable_hover_thumbnails
-from das_core import reports
-from das_core.demo import available_demos
-from das_core.runs import REPO_ROOT
+from das_core.explorer import bench_view, compare, runs_view
+from das_core.store.demo import available_demos
+from das_core.store.runs import REPO_ROOT
 
 st.title("Compare")
 st.caption(
@@ -25,7 +25,7 @@ st.caption(
 # -- the table ------------------------------------------------------------------------------------
 st.subheader("Runs")
 with widgets.guard("Reading the runs"):
-    rows = reports.runs_table(state.runs_root(), demos=available_demos())
+    rows = runs_view.runs_table(state.runs_root(), demos=available_demos())
 if not rows:
     st.info(f"No run yet under `{state.runs_root()}` and no demo checkpoint: run `make demo-model`, or train one "
             "on the Train page.")
@@ -35,14 +35,14 @@ else:
         "Also show the selected epoch (best validation metric, the one in best.safetensors) and its test metrics",
         value=True, key="compare_show_selected")
     pct = {m: st.column_config.NumberColumn(m, format="percent", help=f"test {m}, last evaluated epoch")
-           for m in reports.METRICS}
+           for m in runs_view.METRICS}
     pct.update({f"sel. {m}": st.column_config.NumberColumn(f"sel. {m}", format="percent",
                                                             help=f"test {m} at the selected epoch")
-                for m in reports.METRICS})
+                for m in runs_view.METRICS})
     order = ["name", "kind", "dataset", "DAS", "loss", "miner", "seed", "epochs", "planned", "state",
-             *reports.METRICS, "test epoch"]
+             *runs_view.METRICS, "test epoch"]
     if show_sel:
-        order += ["selected epoch", *(f"sel. {m}" for m in reports.METRICS)]
+        order += ["selected epoch", *(f"sel. {m}" for m in runs_view.METRICS)]
     order += ["backbone", "dim", "path"]
     st.dataframe(rows, column_order=order, column_config={
         **pct, "DAS": st.column_config.CheckboxColumn("DAS"),
@@ -69,7 +69,7 @@ else:
         for r in with_curves:
             if r["name"] not in chosen:
                 continue
-            c = reports.run_curves(r["metrics"])
+            c = runs_view.run_curves(r["metrics"])
             r1[f"{r['name']} · test"] = (c["epoch"], c["test R@1"])
             if show_val and any(v == v for v in c["val R@1"]):
                 r1[f"{r['name']} · val"] = (c["epoch"], c["val R@1"])
@@ -88,7 +88,7 @@ else:
 
     if chosen:
         # -- DAS diagnostics (issue 11): why DAS helps or hurts, per epoch ----------------------------
-        diags = {r["name"]: reports.run_diagnostics(r["metrics"]) for r in with_curves if r["name"] in chosen}
+        diags = {r["name"]: runs_view.run_diagnostics(r["metrics"]) for r in with_curves if r["name"] in chosen}
         keys = sorted({k for d in diags.values() for k in d if k != "epoch"},
                       key=lambda k: (not k.startswith("das_"), k))
         if keys:
@@ -98,14 +98,14 @@ else:
             # benchmark (README); else the first
             first = "das_diagnostics.grad_ratio"
             key = st.selectbox("Diagnostic", keys, index=keys.index(first) if first in keys else 0,
-                               key="compare_diag", format_func=lambda k: reports.DIAGNOSTIC_LABELS.get(k, k))
+                               key="compare_diag", format_func=lambda k: runs_view.DIAGNOSTIC_LABELS.get(k, k))
             series = {n: (d["epoch"], d[key]) for n, d in diags.items() if key in d}
-            st.plotly_chart(plots.curves(series, y_title=reports.DIAGNOSTIC_LABELS.get(key, key), height=300),
+            st.plotly_chart(plots.curves(series, y_title=runs_view.DIAGNOSTIC_LABELS.get(key, key), height=300),
                             key="compare_diag_chart", width="stretch")
 
 # -- benchmarks -----------------------------------------------------------------------------------
 st.subheader("Benchmarks")
-bench = reports.bench_summary(REPO_ROOT / "bench" / "results")
+bench = bench_view.bench_summary(REPO_ROOT / "bench" / "results")
 if bench["das"] is not None:
     d = bench["das"]
     st.markdown("**Does DAS help?** Baseline vs + DAS on the embedded zero-shot split (test classes), mean ± std "
@@ -148,7 +148,7 @@ with cb:
     st.caption(widgets.checkpoint_caption(ckpt_b))
 
 if ckpt_a.config.dataset != ckpt_b.config.dataset:
-    st.warning(f"These two cannot be compared point by point: {reports.comparable(ckpt_a.config, ckpt_b.config, 'test')}. "
+    st.warning(f"These two cannot be compared point by point: {compare.comparable(ckpt_a.config, ckpt_b.config, 'test')}. "
                "Pick two checkpoints of the same dataset.")
     st.stop()
 with widgets.guard("Loading the datasets"):
@@ -156,7 +156,7 @@ with widgets.guard("Loading the datasets"):
 split_names = {"train": "train (training classes)", "val": "validation", "test": "test (unseen classes)"}
 split = str(st.radio("Split", avail, index=avail.index("test") if "test" in avail else 0, horizontal=True,
                      key="compare_split", format_func=lambda s: split_names.get(s, s)))
-reason = reports.comparable(ckpt_a.config, ckpt_b.config, split)
+reason = compare.comparable(ckpt_a.config, ckpt_b.config, split)
 if reason is not None:
     st.warning(f"These two cannot be compared point by point: {reason}. Pick two checkpoints of the same dataset.")
     st.stop()
@@ -179,7 +179,7 @@ with widgets.guard("Fitting the maps"):
     mp_a = state.umap_map(ckpt_a, es_a)
     mp_b = state.umap_map(ckpt_b, es_b)
 with widgets.guard("Aligning the maps"):
-    shift = reports.map_shift(mp_a.coords, mp_b.coords, es_a.labels, es_a.class_names,
+    shift = compare.map_shift(mp_a.coords, mp_b.coords, es_a.labels, es_a.class_names,
                               emb_a=es_a.embeddings, emb_b=es_b.embeddings, k=k)
 try:
     thumbs = state.sprites(ckpt_a, split)

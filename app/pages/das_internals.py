@@ -8,6 +8,7 @@ import streamlit as st
 
 from app import plots, state, widgets
 from app.hover import enable_hover_thumbnails
+from das_core.training.ranges import R_B
 
 st.title("DAS internals")
 st.caption(
@@ -16,7 +17,7 @@ st.caption(
     "and which same-class differences it memorised (the banks, used by memorized transformation shifting)."
 )
 
-ckpt = widgets.checkpoint_picker()
+ckpt = widgets.checkpoint_picker(external=True)
 st.caption(widgets.checkpoint_caption(ckpt))
 cfg = ckpt.config
 names = ckpt.class_names
@@ -25,6 +26,15 @@ if ckpt.has_das:
     with widgets.guard("Reading the DAS state"):
         das = state.trained_das(ckpt)
     st.success(f"This checkpoint was trained with DAS: its state after epoch {ckpt.epoch} is shown.")
+elif state.is_external(ckpt):
+    st.info("An embeddings file holds no DAS state: this is a what-if. The frequency recorder and banks below are "
+            f"computed by feeding the file's embeddings to DAS in {cfg.samples_per_class}-per-class batches, as "
+            "training would, with the default DAS settings; the r_b slider then shows the shifts it would apply.")
+    with widgets.guard("Computing the DAS state"):
+        das, _ = state.das_for_split(ckpt, state.embedding_set(ckpt, "train"))
+    if das is None:
+        st.error("The file has fewer than two classes: DAS has nothing to do.")
+        st.stop()
 else:
     st.warning(
         "This checkpoint was trained **without DAS**, so it holds no frequency recorder or banks. DAS Explorer "
@@ -86,7 +96,7 @@ with tab_p:
         "squares are the mask M[c] = the top-K of each row, the only dimensions DFS scales "
         f"(by γ ~ U[1 − r_s, 1 + r_s] = [{1 - das.r_s:g}, {1 + das.r_s:g}])."
     )
-    from das_core.analysis import class_top_dims
+    from das_core.explorer.analysis import class_top_dims
 
     top = class_top_dims(das)
     seen_counts = freq.sum(axis=1) / max(das.topk, 1)
@@ -121,7 +131,7 @@ with tab_bank:
     )
     cls = st.selectbox("Class" + (f" (type a name to search the {n_classes:,})" if many else ""),
                        list(range(n_classes)), format_func=lambda c: names[c], key="internals_class")
-    from das_core.analysis import bank_summary
+    from das_core.explorer.analysis import bank_summary
 
     bank = bank_summary(das, int(cls))
     if bank["filled"] == 0:
@@ -158,9 +168,10 @@ with tab_preview:
     members = np.flatnonzero(es.labels == p_cls)
     pick = int(c2.number_input(f"Anchor (0..{len(members) - 1} within the class)", 0, max(0, len(members) - 1), 0,
                                key="internals_anchor"))
-    r_b = c3.slider("r_b", 0.0, 2.0, float(min(max(das.r_b, 0.0), 2.0)), 0.005, format="%.3f", key="internals_rb")
+    lo, hi, value = R_B.slider(das.r_b)  # das_core.training.ranges: one rule for r_b
+    r_b = c3.slider("r_b", lo, hi, value, R_B.ui_step, format="%.3f", key="internals_rb")
     anchor = int(members[pick])
-    from das_core.analysis import preview_shifts
+    from das_core.explorer.analysis import preview_shifts
 
     points = preview_shifts(das, es.embeddings[anchor], int(p_cls), r_b)
     if len(points) == 0:

@@ -11,6 +11,8 @@ import streamlit as st
 
 from app import plots, state, widgets
 from app.hover import enable_hover_thumbnails
+from app.produced_layer import show_produced
+from das_core.training.ranges import R_B, R_S, K, T
 
 st.title("Explore")
 st.caption(
@@ -18,7 +20,7 @@ st.caption(
     "Densely-Anchored Sampling produces around real ones (×), placed into the same map."
 )
 
-ckpt = widgets.checkpoint_picker()
+ckpt = widgets.checkpoint_picker(external=True)
 st.caption(widgets.checkpoint_caption(ckpt))
 with widgets.guard("Loading the dataset"):
     split = widgets.split_picker(ckpt)
@@ -38,16 +40,22 @@ das, das_note = state.das_for_split(ckpt, es)
 st.sidebar.divider()
 st.sidebar.markdown("**DAS controls**")
 with st.sidebar:
-    r_s = st.slider("r_s (scale range)", 0.001, 0.99, float(min(max(cfg.das_r_s, 0.001), 0.99)), 0.001,
-                    format="%.3f", key="r_s", help="γ ~ U[1 − r_s, 1 + r_s] on the class's top-K dimensions")
-    r_b = st.slider("r_b (shift ratio)", 0.0, 2.0, float(min(cfg.das_r_b, 2.0)), 0.005, format="%.3f", key="r_b",
+    # ranges: das_core.training.ranges (the config's and the DAS module's too); a checkpoint's
+    # own value outside a slider's usual range widens it
+    lo, hi, value = R_S.slider(cfg.das_r_s)
+    r_s = st.slider("r_s (scale range)", lo, hi, value, R_S.ui_step, format="%.3f", key="r_s",
+                    help="γ ~ U[1 − r_s, 1 + r_s] on the class's top-K dimensions")
+    lo, hi, value = R_B.slider(cfg.das_r_b)
+    r_b = st.slider("r_b (shift ratio)", lo, hi, value, R_B.ui_step, format="%.3f", key="r_b",
                     help="b = r_b · t, t a memorised same-class difference from the class bank")
     c1, c2 = st.columns(2)
-    rounds = c1.number_input("T (rounds)", 1, 10, int(min(cfg.das_num_produce, 10)), key="T")
-    topk = c2.number_input("K (mask size)", 1, int(es.dim), int(min(cfg.das_topk, es.dim)), key="K")
+    lo, hi, value = T.slider(cfg.das_num_produce)
+    rounds = c1.number_input("T (rounds)", int(lo), int(hi), int(value), key="T")
+    topk = c2.number_input("K (mask size)", 1, int(min(K.high, es.dim)), int(min(cfg.das_topk, es.dim)), key="K")
     c3, c4 = st.columns(2)
-    use_dfs = c3.toggle("DFS", value=cfg.das_mode in ("both", "dfs"), key="dfs", help="discriminative feature scaling")
-    use_mts = c4.toggle("MTS", value=cfg.das_mode in ("both", "mts"), key="mts", help="memorized transformation shifting")
+    dfs_on, mts_on = cfg.das_halves()
+    use_dfs = c3.toggle("DFS", value=dfs_on, key="dfs", help="discriminative feature scaling")
+    use_mts = c4.toggle("MTS", value=mts_on, key="mts", help="memorized transformation shifting")
     per_class = st.slider("Anchors per class", 0, 500, 50, 5, key="anchors_per_class",
                           help="real points DAS produces from (a seeded, stratified sample)")
     seed = st.number_input("Seed", 0, 10_000, 0, key="produce_seed")
@@ -67,25 +75,22 @@ st.caption(das_note)
 
 @st.fragment
 def produce_and_draw() -> None:
-    from das_core.analysis import gap_fill, produced_honesty, select_anchors
+    from das_core.explorer.analysis import gap_fill, produce_for_anchors, produced_honesty, select_anchors
 
     with widgets.guard("Producing"):
         keep = np.ones(len(es), dtype=bool) if many else np.isin(es.labels, classes)
         anchors = select_anchors(es.labels, per_class, classes=classes, seed=int(seed))
-        produced, p_lab, p_anchor, p_round = state.produce(
-            das, es, anchors, r_s=r_s, r_b=r_b, rounds=int(rounds), topk=int(topk),
+        produced, p_lab, p_anchor, p_round = produce_for_anchors(
+            das, es.embeddings, es.labels, anchors, r_s=r_s, r_b=r_b, rounds=int(rounds), topk=int(topk),
             use_dfs=use_dfs, use_mts=use_mts, seed=int(seed),
         )
         p_xy = state.placer(ckpt, es, mp)(produced) if len(produced) else np.zeros((0, 2), np.float32)
     ids = np.flatnonzero(keep)
     show_links = st.toggle("Link produced points to their anchors", value=True, key="links")
-    fig = plots.embedding_map(
-        mp.coords[keep], es.labels[keep], names, ids,
-        produced=(p_xy, p_lab, p_anchor, p_round) if len(produced) else None,
-        anchor_coords=mp.coords[p_anchor] if len(produced) else None,
-        show_links=show_links, thumbs=thumbs, uirevision=f"explore-{ckpt.path}-{split}",
-        highlight_classes=classes,
-    )
+    # The figure holds the real points and an empty trace per class DAS produces from; it does
+    # not change when the sliders move, so the browser's message cache spares re-sending it,
+    # and the produced points travel on their own (app.produced_layer fills the traces in).
+    fig, slots = state.explore_figure(ckpt, es, mp, classes, show_links=show_links, thumbs=thumbs)
     which = (f"all {len(names):,} classes, {len(classes)} highlighted" if many
              else f"all of the {len(classes)} chosen classes; {len(es):,} in the split")
     st.caption(
@@ -95,6 +100,11 @@ def produce_and_draw() -> None:
     )
     event = st.plotly_chart(fig, key="explore_map", on_select="rerun", selection_mode=("points", "box", "lasso"),
                             width="stretch")
+    show_produced("explore_map", slots, (p_xy, p_lab, p_anchor, p_round) if len(produced) else None)
+    from app.downloads import export_buttons
+
+    export_buttons(ckpt, es, split, ids, mp.coords, (produced, p_lab, p_anchor, p_xy), {
+        "r_s": r_s, "r_b": r_b, "T": int(rounds), "K": int(topk), "dfs": use_dfs, "mts": use_mts, "map": mp.method})
 
     if len(produced):
         with widgets.guard("Measuring the produced points"):
@@ -132,7 +142,7 @@ def produce_and_draw() -> None:
             st.dataframe(rows, hide_index=True, width="stretch")
         if st.button("Honest view: fit UMAP on real + produced together", key="joint_fit"):
             with widgets.guard("Joint fit"), st.spinner("Fitting one UMAP on real and produced points…"):
-                from das_core.projection import joint_map
+                from das_core.explorer.umap_fit import joint_map
 
                 real_xy, prod_xy = joint_map(es.embeddings[keep], produced, labels=es.labels[keep], seed=int(seed))
             pos = {int(g): i for i, g in enumerate(ids)}
@@ -153,7 +163,8 @@ def produce_and_draw() -> None:
 
     selected_real = []
     selected_produced = 0
-    for p in (event.selection.points if event and event.selection else []):
+    sel = event.selection if event and event.selection else None
+    for p in (sel.points if sel else []):
         cd = plots.point_customdata(p)
         if not cd:
             continue
@@ -161,6 +172,13 @@ def produce_and_draw() -> None:
             selected_real.append(int(cd[0]))
         else:
             selected_produced += 1
+    regions = (list(sel.get("box") or []), list(sel.get("lasso") or [])) if sel else ([], [])
+    if any(regions):
+        # The selection stays drawn while the sliders move the produced points; the points the
+        # browser reported belong to the moment it was drawn, so count the current ones inside.
+        from das_core.explorer.selection import in_regions
+
+        selected_produced = int(in_regions(p_xy, *regions).sum())
     if selected_real or selected_produced:
         show_selection(sorted(set(selected_real)), selected_produced)
 

@@ -14,8 +14,9 @@ from PIL import ImageOps
 
 from app import plots, state, widgets
 from app.hover import enable_hover_thumbnails
-from das_core import reports
-from das_core.images import MAX_UPLOAD_BYTES, ImageError, open_image, thumbnail
+from das_core.data.images import MAX_UPLOAD_BYTES, ImageError, open_image, thumbnail
+from das_core.explorer import compare
+from das_core.retrieval import query
 
 RIGHT, WRONG, UNKNOWN = "#2ca02c", "#d62728", "#bbbbbb"
 PER_ROW = 10
@@ -27,8 +28,9 @@ st.caption(
     "results (same class as the query) are framed green, wrong ones red."
 )
 
-ckpt = widgets.checkpoint_picker()
+ckpt = widgets.checkpoint_picker(external=True)
 st.caption(widgets.checkpoint_caption(ckpt))
+external = state.is_external(ckpt)  # an embeddings file: by image only when it names its model
 with widgets.guard("Loading the dataset"):
     split = widgets.split_picker(ckpt, key="retrieve_split", default="test")
     dataset = state.splits(ckpt).get(split)
@@ -46,7 +48,7 @@ names = es.class_names
 def _default_second() -> str | None:
     """The other demo of the pair for a demo (DAS vs baseline on the same dataset), else the
     first other checkpoint."""
-    from das_core.demo import demo_partner
+    from das_core.store.demo import demo_partner
 
     choices = state.checkpoint_choices()
     others = [c for c in choices if c.path != str(ckpt.path)]
@@ -56,16 +58,16 @@ def _default_second() -> str | None:
     return (pair or others)[0].path if others else None
 
 
-second_default = _default_second()
-side = st.toggle("Side by side with a second checkpoint (same query, two result rows)",
-                 value=second_default is not None, key="retrieve_side")
+second_default = None if external else _default_second()
+side = not external and st.toggle("Side by side with a second checkpoint (same query, two result rows)",
+                                  value=second_default is not None, key="retrieve_side")
 ckpt_b = es_b = index_b = None
 if side:
     if st.session_state.get("retrieve_ckpt_b") is None and second_default is not None:
         st.session_state["retrieve_ckpt_b"] = second_default
     ckpt_b = widgets.checkpoint_picker(key="retrieve_ckpt_b", label="Second checkpoint", sidebar=False, upload=False)
     st.caption(widgets.checkpoint_caption(ckpt_b))
-    reason = reports.comparable(ckpt.config, ckpt_b.config, split)
+    reason = compare.comparable(ckpt.config, ckpt_b.config, split)
     if reason is None:
         with widgets.guard("Loading the second checkpoint's dataset"):
             if split not in state.splits(ckpt_b).available():
@@ -81,6 +83,11 @@ if side:
 # -- the query ------------------------------------------------------------------------------------
 st.subheader("Query")
 SOURCES = {"gallery": "an image of the split", "sample": "a sample image", "upload": "an upload"}
+if external and not getattr(ckpt, "checkpoint", None):
+    SOURCES = {"gallery": "an item of the file"}
+    st.caption("This embeddings file names no model checkpoint, so only its own items can be queries (save a "
+               "`checkpoint` entry in the file to query by image).")
+    st.session_state["retrieve_source"] = "gallery"
 q_col, c_col = st.columns([1, 4])
 with c_col:
     source = st.radio("Query with", list(SOURCES), format_func=SOURCES.__getitem__, horizontal=True,
@@ -109,7 +116,7 @@ with c_col:
         origin = (f"#{q_index} of the {split} split · {names[query_label]}"
                   f"{f' · style {q_style}' if q_style else ''} (left out of its own results)")
     elif source == "sample":
-        samples = reports.sample_queries(state.QUERY_SAMPLES, names)
+        samples = query.sample_queries(state.QUERY_SAMPLES, names)
         if not samples:
             st.warning(f"No sample images in `{state.QUERY_SAMPLES}`.")
             st.stop()
@@ -153,7 +160,7 @@ st.caption(f"Query: {origin}.")
 
 
 # -- retrieval ------------------------------------------------------------------------------------
-def run_query(ck: Any, es_: Any, index_: Any) -> tuple[reports.QueryResult, np.ndarray, float]:
+def run_query(ck: Any, es_: Any, index_: Any) -> tuple[query.QueryResult, np.ndarray, float]:
     """The query's embedding under ``ck`` (the cached one for a gallery image) and its results."""
     import time
 
@@ -161,12 +168,12 @@ def run_query(ck: Any, es_: Any, index_: Any) -> tuple[reports.QueryResult, np.n
     if q_index is not None:
         q = es_.embeddings[q_index]
     else:
-        q = reports.embed_images(state.model(ck), [query_img], state.device_name())[0]
+        q = query.embed_images(state.model(ck), [query_img], state.device_name())[0]
     t_embed = time.perf_counter() - t0
-    return reports.retrieve(index_, es_.labels, q, k, query_label=query_label, exclude=exclude), q, t_embed
+    return query.retrieve(index_, es_.labels, q, k, query_label=query_label, exclude=exclude), q, t_embed
 
 
-entries: list[tuple[str, Any, Any, reports.QueryResult, np.ndarray, float]] = []
+entries: list[tuple[str, Any, Any, query.QueryResult, np.ndarray, float]] = []
 with widgets.guard("Retrieving"):
     res, q, t_embed = run_query(ckpt, es, index)
     entries.append(("A · " + ckpt.name, ckpt, es, res, q, t_embed))
@@ -182,12 +189,12 @@ st.session_state["retrieve_results"] = [
 ]
 
 
-def summary_line(r: reports.QueryResult, t_embed: float) -> str:
+def summary_line(r: query.QueryResult, t_embed: float) -> str:
     s = r.summary()
     timing = f"answered in {1e3 * (t_embed + r.seconds):.0f} ms (embedding {1e3 * t_embed:.0f} ms, search {1e3 * r.seconds:.1f} ms)"
     if s["hits"] is None:
         return f"Query class unknown: results are not marked · {timing}"
-    recalls = " · ".join(f"R@{n} {'✔' if s[f'R@{n}'] else '✘'}" for n in reports.RECALL_KS if f"R@{n}" in s)
+    recalls = " · ".join(f"R@{n} {'✔' if s[f'R@{n}'] else '✘'}" for n in query.RECALL_KS if f"R@{n}" in s)
     first = f"first right result at rank {s['first_hit']}" if s["first_hit"] else "no right result"
     return (f"{recalls} · P@{s['k']} {s['hits']}/{s['k']} ({100 * s['P@k']:.0f} %) · {first} · AP@{s['k']} "
             f"{s['AP@k']:.2f} · {s['relevant']:,} images of the class in the gallery · {timing}")

@@ -9,11 +9,12 @@ from typing import Any
 
 import streamlit as st
 
-from app import plots, state, widgets
-from das_core import jobs, reports
-from das_core.config import ConfigError
-from das_core.embed import gpu_name
-from das_core.presets import PRESETS
+from app import plots, state, sweep_form, widgets
+from das_core.explorer import runs_view, train_form
+from das_core.models.embed import gpu_name
+from das_core.store import jobs
+from das_core.training.config import ConfigError
+from das_core.training.presets import PRESETS
 
 st.title("Train")
 st.caption(
@@ -22,7 +23,7 @@ st.caption(
     "page or restarting the app finds them again, and a finished run appears in every checkpoint picker."
 )
 
-FIELDS = reports.fields_by_group()
+FIELDS = train_form.fields_by_group()
 SPECS = [s for group in FIELDS.values() for s in group]
 GROUP_TITLES = {
     "data": "Data", "model": "Model", "loss": "Loss and miner", "pddm": "PDDM",
@@ -42,7 +43,7 @@ def _key(name: str) -> str:
 def apply_preset() -> None:
     """Fill every field of the form with the chosen preset's values (over the defaults)."""
     name = st.session_state.get("train_preset", NO_PRESET)
-    values = reports.form_values(None if name == NO_PRESET else name)
+    values = train_form.form_values(None if name == NO_PRESET else name)
     for spec in SPECS:
         v = values[spec.name]
         st.session_state[_key(spec.name)] = "" if (spec.kind == "str" and v is None) else v
@@ -60,7 +61,7 @@ if _key("dataset") not in st.session_state:  # first visit, or back from another
         apply_preset()
 
 # -- where jobs run -------------------------------------------------------------------------------
-# where jobs run: what the job queue sees (das_core.jobs picks CUDA for "auto" when torch sees a GPU)
+# where jobs run: what the job queue sees (das_core.store.jobs picks CUDA for "auto" when torch sees a GPU)
 gpu = gpu_name()
 if gpu is not None:
     where = f"**CUDA** ({gpu})"
@@ -116,16 +117,16 @@ with left:
     }
     cfg = None
     try:
-        cfg = reports.config_from_form(values)
+        cfg = train_form.config_from_form(values)
     except ConfigError as exc:
-        err = reports.describe_config_error(exc)
+        err = train_form.describe_config_error(exc)
         st.error(f"**{err['field']}** = `{err['value']}` is not allowed: {err['allowed']}.", icon="⚠️")
 
     run_name = st.text_input("Job name (optional)", key="train_name",
                              placeholder="e.g. triplet + DAS, r_s 0.05" if cfg is None else jobs.default_name(cfg))
     if cfg is not None:
         with st.expander("As a command line and a config file"):
-            st.code(reports.cli_command(cfg), language="bash")
+            st.code(train_form.cli_command(cfg), language="bash")
             import yaml
 
             st.code(yaml.safe_dump(cfg.grouped(), sort_keys=False), language="yaml")
@@ -138,6 +139,7 @@ with left:
     if st.session_state.get("train_submitted"):
         jid, jname, jdev = st.session_state["train_submitted"]
         st.success(f"Queued **{jname}** on {jdev} (`{jid}`): see it in the job list.")
+    sweep_form.sweep_section(cfg)
 
 # -- the jobs -------------------------------------------------------------------------------------
 STATE_BADGE = {"queued": ("⏳ queued", "gray"), "running": ("▶ running", "blue"), "done": ("✔ done", "green"),
@@ -156,13 +158,15 @@ def show_job(job: jobs.Job, queue_pos: int | None) -> None:
         c2.badge(label, color=colour)
         if job.state == "queued":
             st.caption(f"Waiting for the {job.device} worker" + (f" (position {queue_pos} in the queue)." if queue_pos else "."))
-        if job.state == "running":
-            prog = reports.progress_summary(jobs.read_progress(job))
+        if job.kind == "sweep":  # its trials are run folders inside it: the Sweeps page shows them
+            sweep_form.sweep_job_body(job)
+        elif job.state == "running":
+            prog = runs_view.progress_summary(jobs.read_progress(job))
             st.progress(prog["fraction"], text=prog["text"] + (" · cancelling…" if job.cancel_requested else ""))
         if job.state == "failed":
             reason = (job.error or "no reason recorded").split("\n\n", 1)[0]  # the log's tail is just below
             st.error(f"**Failed**: {reason}")
-        curves = reports.run_curves(job.run_dir)
+        curves = runs_view.run_curves(job.run_dir)
         if curves["epoch"]:
             ep = curves["epoch"]
             ca, cb = st.columns(2)
@@ -176,7 +180,7 @@ def show_job(job: jobs.Job, queue_pos: int | None) -> None:
                                   margin={"t": 24})
                 cb.plotly_chart(fig, key=f"train_r1_{job.id}", width="stretch")
         if job.state == "done":
-            r = reports.run_row(job.run_dir)
+            r = runs_view.run_row(job.run_dir)
             if r is not None and r["R@1"] is not None:
                 st.caption(f"Test (epoch {r['test epoch']}): R@1 {100 * r['R@1']:.2f} % · MAP@R {100 * r['MAP@R']:.2f} % · "
                            f"NMI {100 * r['NMI']:.2f} %. In every checkpoint picker as *run · {job.id}*.")

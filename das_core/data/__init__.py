@@ -18,6 +18,7 @@ from das_core.data.base import (
     split_by_classes,
 )
 from das_core.data.sampler import MPerClassBatchSampler
+from das_core.data.spec import SplitSpec
 
 # name -> (module, function). Loaders take (data_root, **options) and return train/test splits;
 # the validation split is carved here, the same way for every dataset.
@@ -76,6 +77,7 @@ __all__ = [
     "DatasetSplits",
     "FileDataset",
     "MPerClassBatchSampler",
+    "SplitSpec",
     "carve_validation",
     "default_data_dir",
     "get_loader",

@@ -158,7 +158,7 @@ class ArrayDataset(DMLDataset):
 
 
 class FileDataset(DMLDataset):
-    """Images read from files (through the safe loader of ``das_core.images``)."""
+    """Images read from files (through the safe loader of ``das_core.data.images``)."""
 
     def __init__(
         self,
@@ -177,7 +177,7 @@ class FileDataset(DMLDataset):
         self.paths = [p if isinstance(p, Path) else Path(p) for p in paths]
 
     def load_image(self, index: int) -> Image.Image:
-        from das_core.images import open_image
+        from das_core.data.images import open_image
 
         return open_image(self.paths[index])
 

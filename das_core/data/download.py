@@ -31,7 +31,7 @@ from das_core.data.base import DatasetError, default_data_dir
 from das_core.data.cars import locate_cars196
 from das_core.data.cub import locate_cub200
 from das_core.data.sop import locate_sop
-from das_core.io import atomic_write
+from das_core.store.io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from das_core.models.backbones import Backbone, ModelError, build_backbone
 from das_core.models.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
-    from das_core.config import TrainConfig
+    from das_core.training.config import TrainConfig
 
 BACKBONE_NAMES = ("small-cnn", "resnet50", "efficientnet-lite0", "bn-inception")
 

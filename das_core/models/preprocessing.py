@@ -190,14 +190,14 @@ class Preprocessing:
 
 class _ToMode:
     """Convert any PIL image to the model's mode (alpha composited onto ``background``;
-    palette, 16-bit and CMYK images handled by ``das_core.images.to_mode``)."""
+    palette, 16-bit and CMYK images handled by ``das_core.data.images.to_mode``)."""
 
     def __init__(self, mode: str, background: int) -> None:
         self.mode = mode
         self.background = background
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        from das_core.images import to_mode
+        from das_core.data.images import to_mode
 
         return to_mode(image, self.mode, background=self.background)
 

@@ -33,7 +33,7 @@ from das_core.data.emoji_styles.sources import (
     read_catalogue,
     read_near_duplicates,
 )
-from das_core.io import atomic_write
+from das_core.store.io import atomic_write
 
 log = logging.getLogger(__name__)
 
