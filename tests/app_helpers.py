@@ -89,3 +89,27 @@ def digits_runs_root(tmp_path: Path, monkeypatch: Any, digits_run: Path) -> Path
     monkeypatch.setenv("DAS_RUNS_DIR", str(root))
     return root
 
+
+
+def make_sweep(runs_root: Path, digits_run: Path, name: str = "rs-sweep") -> Path:
+    """A sweep folder under ``runs_root`` written with the library's own writers, as a grid
+    sweep over r_s = 0.01, 0.2 (r_b = 0.05) leaves it: ``trial-0000`` finished (a copy of the
+    digits run, with the trial's config), ``trial-0001`` still training (metrics of epoch 1
+    only, no checkpoint), ``trial-0002`` just started (nothing yet: not a row)."""
+    from das_core.store.sweeps import trial_dir, write_sweep_config
+    from das_core.training.config import TrainConfig, dump_config, load_config_file
+    from das_core.training.sweep import build_sweep
+
+    folder = runs_root / name
+    folder.mkdir(parents=True)
+    base = TrainConfig.from_mapping(load_config_file(digits_run / "config.yaml"))
+    sweep = build_sweep(base, ["r_s=0.01,0.2", "r_b=0.05"], sampler="grid")
+    write_sweep_config(folder, sweep)
+    done, running, started = (trial_dir(folder, n) for n in range(3))
+    shutil.copytree(digits_run, done)
+    dump_config(sweep.trial_config({"das_r_s": 0.01, "das_r_b": 0.05}, done), done / "config.yaml")
+    running.mkdir()
+    dump_config(sweep.trial_config({"das_r_s": 0.2, "das_r_b": 0.05}, running), running / "config.yaml")
+    (running / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 0.5, "test": {"R@1": 0.5}}) + "\n")
+    started.mkdir()
+    return folder

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app_helpers import digits_runs_root, fake_checkpoint
+from app_helpers import digits_runs_root, fake_checkpoint, make_sweep
 from das_core.explorer import bench_view, runs_view
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,6 +61,27 @@ def test_runs_table_lists_the_digits_run_with_its_metrics(runs_root: Path, digit
     shown = sum(d is not None for d in (bench["das"], bench["step"]))
     assert sum(("variant" in d.value.columns) or ("plain step (ms)" in d.value.columns) for d in at.dataframe) == shown
     assert len(bench["missing"]) == sum("bench" in i.value for i in at.info)
+
+
+def test_runs_table_shows_a_sweep_trial_with_its_swept_values(runs_root: Path, digits_run: Path) -> None:
+    make_sweep(runs_root, digits_run)
+    ckpt = str(runs_root / "digits" / "best.safetensors")
+    at = page(compare_ckpt_a=ckpt, compare_ckpt_b=ckpt).run()
+    assert not at.exception and not at.error
+    table = frame(at, "name")
+    row = table[table["name"] == "rs-sweep/trial-0000"].iloc[0]
+    assert row["kind"] == "sweep trial" and row["params"] == "r_s=0.01, r_b=0.05"
+    summary = json.loads((digits_run / "summary.json").read_text())
+    assert row["R@1"] == pytest.approx(summary["last"]["test"]["R@1"])  # exact JSON round trip
+    assert list(table[table["kind"] == "sweep trial"]["name"]) == ["rs-sweep/trial-0000", "rs-sweep/trial-0001"]
+    # and its curve can be plotted beside the run's
+    runs = at.multiselect(key="compare_runs")
+    assert "rs-sweep/trial-0000 (DAS, r_s=0.01, r_b=0.05)" in runs.options  # the label shows the swept values
+    runs.set_value(["digits", "rs-sweep/trial-0000"]).run()
+    assert not at.exception and not at.error
+    r1 = next(c for c in at.get("plotly_chart") if c.key == "compare_r1")
+    traces = [t["name"] for t in json.loads(r1.proto.spec)["data"]]  # type: ignore[attr-defined]
+    assert "rs-sweep/trial-0000 · test" in traces and "digits · test" in traces
 
 
 def test_two_maps_aligned_and_other_datasets_refused(runs_root: Path, digits_run: Path) -> None:

@@ -246,6 +246,47 @@ def test_runs_table_lists_runs_and_demos(digits_run: Path, tmp_path: Path) -> No
     assert runs_view.run_row(root / "empty") is None
 
 
+def test_runs_table_lists_sweep_trials_with_their_swept_values(digits_run: Path, tmp_path: Path) -> None:
+    from app_helpers import make_sweep
+    from das_core.explorer import timeline as tl
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    shutil.copytree(digits_run, root / "digits")
+    sweep = make_sweep(root, digits_run)
+    damaged = root / "broken-sweep"  # a sweep.json no longer readable: its trials are listed, without params
+    shutil.copytree(sweep / "trial-0000", damaged / "trial-0000")
+    (damaged / "sweep.json").write_text("{not json")
+
+    rows = runs_view.runs_table(root)
+    names = [r["name"] for r in rows]
+    assert names[0] == "digits"  # run folders first, then the trials by sweep (newest first) and number
+    assert set(names) == {"digits", "rs-sweep/trial-0000", "rs-sweep/trial-0001", "broken-sweep/trial-0000"}
+    assert names.index("rs-sweep/trial-0000") + 1 == names.index("rs-sweep/trial-0001")  # trial-0002: nothing yet
+    by = {r["name"]: r for r in rows}
+    assert by["digits"]["kind"] == "run" and by["digits"]["params"] is None
+    done, running = by["rs-sweep/trial-0000"], by["rs-sweep/trial-0001"]
+    assert done["kind"] == running["kind"] == "sweep trial"
+    assert done["params"] == "r_s=0.01, r_b=0.05" and running["params"] == "r_s=0.2, r_b=0.05"
+    summary = json.loads((digits_run / "summary.json").read_text())
+    for m in runs_view.METRICS:  # the same float64 numbers read back from JSON (exact round trip)
+        assert done[m] == pytest.approx(summary["last"]["test"][m])
+        assert done[f"sel. {m}"] == pytest.approx(summary["selected"]["test"][m])
+    assert done["state"] == "done" and done["DAS"] is True and done["epochs"] == 2
+    assert done["path"] == str(sweep / "trial-0000") and done["checkpoint"].endswith("best.safetensors")
+    assert running["state"] == "partial" and running["epochs"] == 1 and running["R@1"] == 0.5
+    assert running["checkpoint"] is None and running["metrics"].endswith("metrics.jsonl")
+    # the same reader as a run folder's: only the name, kind and params differ
+    alone = runs_view.run_row(sweep / "trial-0000")
+    assert alone is not None and {k: v for k, v in alone.items() if v != done[k]} == {
+        "name": "trial-0000", "kind": "run", "params": None}
+    broken = by["broken-sweep/trial-0000"]
+    assert broken["kind"] == "sweep trial" and broken["params"] is None and broken["R@1"] == done["R@1"]
+    # the Timeline page plays trials that recorded a timeline (the digits run did; trial-0001 not)
+    playable = {r["name"] for r in tl.timeline_runs(rows)}
+    assert playable == {"digits", "rs-sweep/trial-0000", "broken-sweep/trial-0000"}
+
+
 def test_run_curves() -> None:
     recs = [
         {"epoch": 1, "train_loss": 0.9, "test": {"R@1": 0.5}},

@@ -17,7 +17,8 @@ from das_core.store.runs import REPO_ROOT
 
 st.title("Compare")
 st.caption(
-    "Runs side by side: the demo checkpoints and every run folder under the runs root, their metrics on "
+    "Runs side by side: the demo checkpoints, every run folder under the runs root and every sweep trial (with "
+    "its r_s / r_b or other swept values), their metrics on "
     "the test classes (never seen in training), their curves, the benchmarks, and two checkpoints' maps "
     "of the same images."
 )
@@ -39,7 +40,7 @@ else:
     pct.update({f"sel. {m}": st.column_config.NumberColumn(f"sel. {m}", format="percent",
                                                             help=f"test {m} at the selected epoch")
                 for m in runs_view.METRICS})
-    order = ["name", "kind", "dataset", "DAS", "loss", "miner", "seed", "epochs", "planned", "state",
+    order = ["name", "kind", *(["params"] if any(r["params"] for r in rows) else []), "dataset", "DAS", "loss", "miner", "seed", "epochs", "planned", "state",
              *runs_view.METRICS, "test epoch"]
     if show_sel:
         order += ["selected epoch", *(f"sel. {m}" for m in runs_view.METRICS)]
@@ -48,6 +49,7 @@ else:
         **pct, "DAS": st.column_config.CheckboxColumn("DAS"),
         "epochs": st.column_config.NumberColumn("epochs", help="epochs finished"),
         "planned": st.column_config.NumberColumn("planned", help="epochs of the config"),
+        "params": st.column_config.TextColumn("params", help="a sweep trial's swept values"),
     }, hide_index=True, width="stretch", key="compare_table")
     st.caption("Metrics on the test split (unseen classes), in %: R@k (a same-class image among the k nearest), "
                "MAP@R, NMI and F1 (k-means clustering). The last evaluated epoch, and the epoch selected on the "
@@ -56,7 +58,8 @@ else:
     # -- curves -----------------------------------------------------------------------------------
     st.subheader("Curves")
     with_curves = [r for r in rows if r["metrics"]]
-    labels = {r["name"]: f"{r['name']} ({'DAS' if r['DAS'] else 'no DAS'})" for r in with_curves}
+    labels = {r["name"]: f"{r['name']} ({'DAS' if r['DAS'] else 'no DAS'}{', ' + r['params'] if r['params'] else ''})"
+              for r in with_curves}
     # your runs first, then the demos (four demo checkpoints alone would fill the default)
     first = [r["name"] for r in with_curves if r.get("kind") != "demo"] + [
         r["name"] for r in with_curves if r.get("kind") == "demo"]

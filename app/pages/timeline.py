@@ -50,7 +50,8 @@ if not rows:
     st.stop()
 
 by_name = {str(r["name"]): r for r in rows}
-labels = {n: f"{n} ({'DAS' if r['DAS'] else 'no DAS'}, {r['dataset']}, {r['epochs']} epochs)" for n, r in by_name.items()}
+labels = {n: f"{n} ({'DAS' if r['DAS'] else 'no DAS'}, {r['params'] + ', ' if r.get('params') else ''}{r['dataset']}, "
+              f"{r['epochs']} epochs)" for n, r in by_name.items()}
 names = list(by_name)
 baseline = next((n for n in names if not by_name[n]["DAS"]), names[0])
 das_run = next((n for n in names if by_name[n]["DAS"] and n != baseline), next((n for n in names if n != baseline), baseline))

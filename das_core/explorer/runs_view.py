@@ -176,7 +176,7 @@ def _selected(history: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str,
 def _row(
     name: str, kind: str, config: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
     selected: Mapping[str, Any] | None, *, state: str, checkpoint: Path | None, path: Path,
-    metrics: Path | None,
+    metrics: Path | None, params: str | None = None,
 ) -> dict[str, Any]:
     last = _last_with(history, "test")
     test = _metrics(last, "test")
@@ -184,6 +184,7 @@ def _row(
     row: dict[str, Any] = {
         "name": name,
         "kind": kind,
+        "params": params,
         "dataset": config.get("dataset"),
         "DAS": bool(config.get("das", False)),
         "loss": config.get("loss"),
@@ -237,7 +238,12 @@ def _run_config(run_dir: Path, checkpoint: Path | None) -> dict[str, Any]:
     return {}
 
 
-def _run_row(path: Path, checkpoint: Path | None, hist: list[dict[str, Any]]) -> dict[str, Any]:
+def _run_row(
+    path: Path, checkpoint: Path | None, hist: list[dict[str, Any]], *, name: str | None = None, kind: str = "run",
+    swept: Sequence[str] = (),
+) -> dict[str, Any]:
+    """A run folder's row; ``swept``: the ``TrainConfig`` fields a sweep chose for this run
+    (shown in ``params`` with the values of the run's own config)."""
     cfg = _run_config(path, checkpoint)
     run = RunLayout(path)
     summary = read_json_object(run.summary) or {}
@@ -247,27 +253,47 @@ def _run_row(path: Path, checkpoint: Path | None, hist: list[dict[str, Any]]) ->
         sel = next((r for r in hist if want is not None and r.get("epoch") == want), None)
         if sel is None:
             sel = _selected(hist, str(cfg.get("select_metric", "R@1")))
-    return _row(path.name, "run", cfg, hist, sel, state=_run_state(path, hist, cfg.get("epochs")),
-                checkpoint=checkpoint, path=path, metrics=run.history if hist else None)
+    params = None
+    if swept:
+        from das_core.training.sweep import shown_values
+
+        params = shown_values({f: cfg[f] for f in swept if f in cfg}) or None
+    return _row(name or path.name, kind, cfg, hist, sel, state=_run_state(path, hist, cfg.get("epochs")),
+                checkpoint=checkpoint, path=path, metrics=run.history if hist else None, params=params)
 
 
 def run_row(run_dir: str | Path) -> dict[str, Any] | None:
     """The ``runs_table`` row of one run folder (``None`` when it holds neither a checkpoint
     nor metrics yet)."""
-    from das_core.store.io import read_jsonl
+    from das_core.store.runs import read_run
 
-    d = Path(run_dir)
-    run = RunLayout(d)
-    checkpoint = run.checkpoint
-    hist = read_jsonl(run.history)
-    if checkpoint is None and not hist:
-        return None
-    return _run_row(d, checkpoint, hist)
+    info = read_run(Path(run_dir))
+    return None if info is None else _run_row(info.path, info.checkpoint, info.history)
+
+
+def _trial_rows(root: Path | None) -> list[dict[str, Any]]:
+    """The rows of the sweep trials under ``root`` (sweeps newest first, trials by number),
+    named ``<sweep>/trial-NNNN``, with the swept parameters in ``params``."""
+    from das_core.store.runs import default_runs_root
+    from das_core.store.sweeps import find_sweeps, read_sweep_config, trial_runs
+
+    rows: list[dict[str, Any]] = []
+    for sweep in find_sweeps(root or default_runs_root()):
+        try:
+            swept: tuple[str, ...] = tuple(p.name for p in read_sweep_config(sweep).params)
+        except ConfigError:  # a damaged sweep.json: its trials are still listed, without params
+            swept = ()
+        for run in trial_runs(sweep):
+            rows.append(_run_row(run.path, run.checkpoint, run.history, name=f"{sweep.name}/{run.path.name}",
+                                 kind="sweep trial", swept=swept))
+    return rows
 
 
 def runs_table(runs_root: str | Path | None = None, *, demos: Sequence[str | Path] | None = None) -> list[dict[str, Any]]:
-    """One row per demo checkpoint (first) and per run folder under ``runs_root`` (newest
-    first; folders with a checkpoint or metrics): name, kind (demo | run), dataset, DAS,
+    """One row per demo checkpoint (first), per run folder under ``runs_root`` (newest
+    first; folders with a checkpoint or metrics) and per sweep trial with a checkpoint or
+    metrics (last; named ``<sweep>/trial-NNNN``): name, kind (demo | run | sweep trial),
+    params (a trial's swept values, ``r_s=0.01, r_b=0.5``; ``None`` otherwise), dataset, DAS,
     loss, miner, backbone, dim, seed, epochs done / planned, state, the test metrics of the
     last evaluated epoch (``R@1`` ... ``F1``, fractions; ``test epoch``), and, when the run
     has a validation split, the selected epoch (best validation ``select_metric``, the one in
@@ -296,6 +322,7 @@ def runs_table(runs_root: str | Path | None = None, *, demos: Sequence[str | Pat
     root = Path(runs_root) if runs_root is not None else None
     for run in list_runs(root):
         rows.append(_run_row(run.path, run.checkpoint, run.history))
+    rows.extend(_trial_rows(root))
     return rows
 
 

@@ -135,10 +135,11 @@ def frame_schedule(*epoch_lists: np.ndarray) -> tuple[np.ndarray, list[np.ndarra
 
 
 def timeline_runs(rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    """The rows of ``runs_view.runs_table`` whose run folder holds a training timeline."""
+    """The rows of ``runs_view.runs_table`` whose run folder (a run's or a sweep trial's)
+    holds a training timeline."""
     from das_core.store.timeline import timeline_path
 
-    return [r for r in rows if r.get("kind") == "run" and timeline_path(str(r["path"])).is_file()]
+    return [r for r in rows if r.get("kind") in ("run", "sweep trial") and timeline_path(str(r["path"])).is_file()]
 
 
 # -- the disk cache ---------------------------------------------------------------------------

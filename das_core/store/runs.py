@@ -30,6 +30,15 @@ class RunInfo:
         return self.path.name
 
 
+def read_run(run_dir: Path) -> RunInfo | None:
+    """One run folder's checkpoint and metrics; ``None`` when it holds neither yet. The one
+    reader of a run folder for every list of runs (run folders, sweep trials)."""
+    run = RunLayout(Path(run_dir))
+    ckpt = run.checkpoint
+    hist = read_jsonl(run.history)
+    return RunInfo(Path(run_dir), ckpt, hist) if ckpt is not None or hist else None
+
+
 def list_runs(root: Path | None = None) -> list[RunInfo]:
     """Run folders under ``root`` (newest first) with a checkpoint or metrics in them."""
     root = root or default_runs_root()
@@ -39,11 +48,9 @@ def list_runs(root: Path | None = None) -> list[RunInfo]:
     for d in root.iterdir():
         if not d.is_dir() or d.name.startswith("."):
             continue
-        run = RunLayout(d)
-        ckpt = run.checkpoint
-        hist = read_jsonl(run.history)
-        if ckpt is not None or hist:
-            out.append(RunInfo(d, ckpt, hist))
+        info = read_run(d)
+        if info is not None:
+            out.append(info)
     # newest first; runs with the same modification time (coarse file-system clocks, folders
     # copied in one go) by name, not in the file system's directory order
     out.sort(key=lambda r: (r.path.stat().st_mtime, r.path.name), reverse=True)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from das_core.store import layout
 from das_core.store.io import atomic_write_json, file_lock, read_json_object
 from das_core.store.layout import RunLayout
+from das_core.store.runs import RunInfo, read_run
 
 if TYPE_CHECKING:
     import optuna
@@ -290,6 +291,13 @@ def find_sweeps(root: Path) -> list[Path]:
     found = [d for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith(".") and is_sweep(d)]
     found.sort(key=lambda d: (d.stat().st_mtime, d.name), reverse=True)
     return found
+
+
+def trial_runs(sweep_dir: Path) -> list[RunInfo]:
+    """The trial run folders of one sweep (by trial number) with a checkpoint or metrics in
+    them (files only: the study is not opened)."""
+    found = (read_run(d) for d in sorted(Path(sweep_dir).glob(f"{TRIAL_PREFIX}*")) if d.is_dir())
+    return [r for r in found if r is not None]
 
 
 def trial_checkpoints(root: Path) -> list[tuple[str, Path]]:

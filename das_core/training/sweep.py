@@ -106,6 +106,12 @@ def _fmt(v: Value) -> str:
     return str(v)
 
 
+def shown_values(values: Mapping[str, Any]) -> str:
+    """``r_s=0.01, r_b=0.5``: a trial's values keyed by ``TrainConfig`` field, under the
+    paper's symbols (the log, the errors and the runs table all write them so)."""
+    return ", ".join(f"{SYMBOLS.get(k, k)}={_fmt(v)}" for k, v in values.items())
+
+
 def field_kind(name: str) -> Literal["bool", "int", "float", "str"]:
     hint = typing.get_type_hints(TrainConfig)[name]
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
@@ -266,7 +272,7 @@ class SweepConfig:
             try:
                 self.base.replace(**values)
             except ConfigError as exc:
-                shown = ", ".join(f"{SYMBOLS.get(k, k)}={_fmt(v)}" for k, v in values.items())
+                shown = shown_values(values)
                 raise ConfigError("param", shown, f"this combination is impossible: {exc}") from None
 
     # -- derived -----------------------------------------------------------------------------
@@ -480,7 +486,7 @@ def run_sweep(
         run_dir = layout.trial_dir(folder, trial.number)
         trial.set_user_attr("run_dir", run_dir.name)
         cfg = sweep.trial_config(values, run_dir)
-        shown = ", ".join(f"{SYMBOLS.get(k, k)}={_fmt(v)}" for k, v in values.items())
+        shown = shown_values(values)
         log.info("trial %d (%s) -> %s", trial.number, shown, run_dir)
         layout.write_progress(folder, state="training", trial=trial.number, done=counts()[0], target=target)
         result = train(cfg, show_progress=show_progress)
