@@ -276,3 +276,62 @@ def test_timeline_maps_are_cached_on_disk(tmp_path: Path, monkeypatch: pytest.Mo
     t.with_epoch(2, rng.normal(size=(30, 8))).save(tmp_path / "run" / TIMELINE)
     with pytest.raises(AssertionError, match="refitted"):
         tl.get_timeline_maps(tmp_path / "run", root=tmp_path / "cache")
+
+
+# -- hover thumbnails on the animation ----------------------------------------------------------
+
+
+def test_animation_points_carry_their_split_index_and_the_sprites(tmp_path: Path) -> None:
+    """Every point, in the first data and in every frame, carries the stored probe index of its
+    image in the split, and that index's sprite cell is that image."""
+    from app.timeline_plot import timeline_animation
+    from das_core.data.base import ArrayDataset
+    from das_core.explorer.thumbs import cached_sprites, sprite_metadata, thumbnail_of
+
+    n_split, rng = 40, np.random.default_rng(5)
+    split_labels = rng.integers(0, 3, n_split)
+    # image i of the split is filled with the value 5 * i: its cell says which image it is
+    images = np.repeat((np.arange(n_split, dtype=np.uint8) * 5)[:, None, None], 8, axis=1).repeat(8, axis=2)
+    split = ArrayDataset("toy", "test", images, split_labels, ["a", "b", "c"])
+    idx = probe_indices(n_split, 12)  # a subset: probe position != split index
+    t = empty_timeline(idx, split_labels[idx], 4, {"dataset": "toy", "split": "test", "split_size": n_split,
+                                                   "class_names": ["a", "b", "c"]})
+    for epoch in range(3):
+        t = t.with_epoch(epoch, rng.normal(size=(12, 4)))
+    t.save(tmp_path / "run" / TIMELINE)
+    stored = load_timeline(tmp_path / "run")
+    info, folder = cached_sprites("f" * 16, "test", split, root=tmp_path / "static", per_row=4)
+    ids = tl.thumbnail_ids(stored, info.count)
+    assert np.array_equal(ids, idx)
+
+    coords = rng.normal(size=(3, 12, 2)).astype(np.float32)  # frame k: coords[k], probe order
+    rows = np.arange(3)
+    thumbs = {**sprite_metadata(info), "base": "/static/x/"}
+    fig = timeline_animation([("A", coords), ("B", coords[::-1].copy())], [rows, rows], np.arange(3),
+                             stored.labels, stored.class_names, ids, thumbs=thumbs)
+    assert fig.layout.meta["thumbs"] == thumbs
+    assert len(fig.frames) == 3
+    for k, data in [(0, fig.data), *((k, f.data) for k, f in enumerate(fig.frames))]:
+        seen: list[int] = []
+        for trace in data:
+            cd = np.asarray(trace.customdata)
+            assert cd.ndim == 2 and cd.shape[1] == 1, cd.shape
+            panel = coords if trace.xaxis == "x" else coords[::-1]
+            for (x, y), (i,) in zip(zip(trace.x, trace.y, strict=True), cd, strict=True):
+                j = int(np.searchsorted(idx, i))  # the probe position of split index i
+                assert idx[j] == i and (x, y) == tuple(panel[k][j])  # the point of that image
+                assert stored.class_names[split_labels[i]] == trace.name  # its class, in the split
+                cell = np.asarray(thumbnail_of(info, tmp_path / "static" / folder, int(i)))
+                assert (cell == 5 * i).all()  # its sprite cell is its image
+                seen.append(int(i))
+        assert sorted(seen) == sorted(2 * idx.tolist())  # both panels, every probe image once
+
+
+def test_thumbnail_ids_refuse_another_split() -> None:
+    t = empty_timeline(np.array([1, 4, 7]), np.zeros(3, np.int64), 2, {"split": "test", "split_size": 10})
+    assert tl.thumbnail_ids(t, 10).tolist() == [1, 4, 7]
+    with pytest.raises(TimelineError, match="split of 10 images, but the thumbnails cover one of 12"):
+        tl.thumbnail_ids(t, 12)
+    bad = empty_timeline(np.array([1, 4, 12]), np.zeros(3, np.int64), 2, {"split": "test"})
+    with pytest.raises(TimelineError, match="outside the test split of 10 images"):
+        tl.thumbnail_ids(bad, 10)

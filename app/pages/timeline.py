@@ -11,6 +11,7 @@ from typing import Any
 import streamlit as st
 
 from app import state, widgets
+from app.hover import enable_hover_thumbnails
 from app.timeline_plot import timeline_animation
 from das_core.explorer import runs_view
 from das_core.explorer import timeline as tl
@@ -76,11 +77,29 @@ with widgets.guard("Mapping the timelines"):
     maps_b = tl.align_runs(maps_a, maps_of(str(by_name[b]["path"]))) if a != b else maps_a
     epochs, frame_rows = tl.frame_schedule(maps_a.epochs, maps_b.epochs)
 
+# Hover thumbnails: the sprites of the probed split (the test split: the whole split, shared with
+# Explore and Compare on the same checkpoint), built from the checkpoint of run A (else B: both
+# probe the same images); each point carries its index in that split, as the run stored it.
+ids = tl_a.indices
+thumbs: dict[str, Any] | None = None
+source = next((by_name[n]["checkpoint"] for n in (a, b) if by_name[n]["checkpoint"]), None)
+if source is None:
+    st.info("Hover thumbnails show once a run has a checkpoint (after its first epoch).")
+else:
+    try:
+        thumbs = state.sprites(state.load_checkpoint(str(source)), str(tl_a.meta.get("split", "test")))
+        ids = tl.thumbnail_ids(tl_a, int(thumbs["count"]))
+    except Exception as exc:  # thumbnails are a convenience: the animation works without them
+        thumbs = None
+        st.info(f"Hover thumbnails are unavailable ({type(exc).__name__}: {exc}).")
+enable_hover_thumbnails()
+
 panels: list[tuple[str, Any]] = [(f"A · {a}", maps_a.coords), (f"B · {b}", maps_b.coords)]
-fig = timeline_animation(panels, frame_rows, epochs, maps_a.labels, maps_a.class_names)
+fig = timeline_animation(panels, frame_rows, epochs, maps_a.labels, maps_a.class_names, ids, thumbs=thumbs)
 st.plotly_chart(fig, key="timeline_chart", width="stretch")
 st.caption(
     f"{len(maps_a.labels):,} probe images of {len(maps_a.class_names)} test classes, {len(epochs)} frames (epoch 0 "
     f"= before training). Method: {maps_a.method}; run B's maps are then moved as a whole onto run A's last map, so "
-    "the two end in the same frame of reference. ▶ Play runs the epochs in order; the slider steps through them."
+    "the two end in the same frame of reference. ▶ Play runs the epochs in order; the slider steps through them; "
+    "hover a point to see its image."
 )

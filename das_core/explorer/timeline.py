@@ -24,7 +24,7 @@ from das_core.explorer.compare import align_to
 from das_core.explorer.umap_fit import MapParams, fit_map
 from das_core.store.cache import CacheMiss, DiskCache, array_checksum
 from das_core.store.io import atomic_write
-from das_core.store.timeline import Timeline
+from das_core.store.timeline import Timeline, TimelineError
 
 DEFAULT_MAX_FRAMES = 30
 
@@ -132,6 +132,27 @@ def frame_schedule(*epoch_lists: np.ndarray) -> tuple[np.ndarray, list[np.ndarra
     union = np.unique(np.concatenate([np.asarray(e, dtype=np.int64) for e in epoch_lists]))
     rows = [np.clip(np.searchsorted(np.asarray(e), union, side="right") - 1, 0, None) for e in epoch_lists]
     return union, rows
+
+
+def thumbnail_ids(timeline: Timeline, split_size: int) -> np.ndarray:
+    """The probe's indices in its split, as the run stored them, for hover thumbnails cut out
+    of the sprites of that split (``split_size`` items: ``explorer.thumbs`` numbers an item by
+    its index in the split). ``TimelineError`` when that split is not the one the run probed
+    (another size, so other images), rather than thumbnails of the wrong images."""
+    split = timeline.meta.get("split", "test")
+    stored = timeline.meta.get("split_size")
+    if stored is not None and int(stored) != int(split_size):
+        raise TimelineError(
+            f"the run probed a {split} split of {int(stored):,} images, but the thumbnails cover one of "
+            f"{int(split_size):,}: the dataset changed since the run (re-render or re-download it as it was, "
+            "or train the run again)"
+        )
+    if timeline.indices.size and (int(timeline.indices.min()) < 0 or int(timeline.indices.max()) >= split_size):
+        raise TimelineError(
+            f"the run's probe indices reach {int(timeline.indices.max())}, outside the {split} split of "
+            f"{int(split_size):,} images: its timeline.npz is damaged (train the run again)"
+        )
+    return timeline.indices.astype(np.int64, copy=True)
 
 
 def timeline_runs(rows: list[dict[str, object]]) -> list[dict[str, object]]:
