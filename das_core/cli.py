@@ -11,11 +11,10 @@ import dataclasses
 import json
 import logging
 import sys
-import typing
 from collections.abc import Sequence
 from typing import Any
 
-from das_core.training.config import ConfigError, TrainConfig, load_config_file
+from das_core.training.config import ConfigError, TrainConfig, field_base, load_config_file
 from das_core.training.ranges import BY_FIELD as DAS_RANGE_FIELDS
 
 # Short aliases for the paper's symbols.
@@ -39,7 +38,6 @@ def _optional(conv: Any) -> Any:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ``TrainConfig`` field; unset flags are absent from the namespace (so that
     a ``--config`` file's values are only overridden by flags actually given)."""
-    hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
@@ -48,18 +46,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *ALIASES.get(f.name, [])]
         default = getattr(defaults, f.name)
+        base, optional = field_base(f.name)
+        if base is tuple:  # a list of whole numbers, given as E1,E2 (parsed and checked by the config)
+            default = ",".join(str(v) for v in default) or "none"
         help_text = f"{rule.help} (default: {default})"
         if f.name in DAS_RANGE_FIELDS:  # the range of das_core.training.ranges, as the config checks it
             help_text = f"{rule.help} ({DAS_RANGE_FIELDS[f.name].describe()}; default: {default})"
-        hint = hints[f.name]
-        optional = type(None) in typing.get_args(hint)
-        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
         if base is bool:
             group.add_argument(
                 *names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
             continue
-        conv: Any = {int: int, float: float, str: str}[base]
+        conv: Any = {int: int, float: float, str: str, tuple: str}[base]
         group.add_argument(
             *names,
             dest=f.name,

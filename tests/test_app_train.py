@@ -66,6 +66,9 @@ def test_form_has_every_option_and_presets_fill_it(runs_root: Path) -> None:
     assert not at.exception and not at.error
     assert form_config(at) == PRESETS["paper-cub-ms512"].config()
     assert at.session_state["train_f_backbone"] == "resnet50" and at.session_state["train_f_das_topk"] == 8
+    assert at.text_input(key="train_f_lr_milestones").value == "200,250"  # a tuple field, shown as text
+    assert any("--lr-milestones 200,250" in c.value for c in at.code)
+    assert any("lr_milestones:\n  - 200\n  - 250" in c.value for c in at.code)  # the YAML the page shows
     assert any("--dataset cub200" in c.value for c in at.code)
 
 

@@ -104,7 +104,7 @@ def test_replacement_sampler_may_ask_more_draws_than_classes() -> None:
 
 
 def test_multistep_lr_per_epoch_matches_torch_multisteplr() -> None:
-    cfg = TrainConfig(lr_schedule="multistep", lr_milestones="200,250", lr_factor=0.3, epochs=300, lr=1e-5)
+    cfg = TrainConfig(lr_schedule="multistep", lr_milestones=(200, 250), lr_factor=0.3, epochs=300, lr=1e-5)
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[200, 250], gamma=0.3)
     for epoch in range(1, 301):  # the authors step once after each epoch (scripts/standard.py)
@@ -151,13 +151,84 @@ def test_recipe_options_are_validated(values: dict[str, object], field: str) -> 
     assert info.value.field == field
 
 
+@pytest.mark.parametrize(
+    ("given", "want"),
+    [
+        ("200,250", (200, 250)),  # the CLI flag, and every config stored before the field was a tuple
+        (" 200 , 250 ", (200, 250)),
+        ([200, 250], (200, 250)),  # YAML and JSON lists
+        ((200, 250), (200, 250)),
+        (200, (200,)),  # YAML `lr_milestones: 200`
+        ("", ()),
+        ([], ()),
+    ],
+)
+def test_lr_milestones_accepts_the_forms_users_and_old_files_use(given: object, want: tuple[int, ...]) -> None:
+    cfg = TrainConfig.from_mapping({"lr_milestones": given})
+    assert cfg.lr_milestones == want and isinstance(cfg.lr_milestones, tuple)
+
+
+@pytest.mark.parametrize(
+    ("given", "allowed"),
+    [
+        ([200.5], "whole numbers"),
+        (True, "whole numbers"),
+        (["200"], "whole numbers"),
+        (None, "whole numbers"),
+        ("200;250", "comma-separated"),
+        ([250, 200], "strictly increasing"),
+        ([200, 200], "strictly increasing"),
+        ([0, 10], ">= 1"),
+    ],
+)
+def test_lr_milestones_refuses_with_the_rule(given: object, allowed: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_mapping({"lr_milestones": given})
+    assert info.value.field == "lr_milestones" and allowed in info.value.allowed
+
+
+def test_lr_milestones_tuple_field_round_trips_through_json_yaml_and_the_flag(tmp_path: Path) -> None:
+    from das_core.cli import build_parser
+    from das_core.training.config import dump_config, load_config_file
+
+    cfg = TrainConfig(lr_schedule="multistep", lr_milestones=(3, 7), epochs=10)
+    cfg.validate()
+    assert cfg.to_dict()["lr_milestones"] == [3, 7] and cfg.grouped()["optim"]["lr_milestones"] == [3, 7]
+    assert TrainConfig.from_mapping(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert TrainConfig.from_mapping(load_config_file(tmp_path / "config.yaml")) == cfg
+    args = vars(build_parser().parse_args(["train", "--lr-milestones", "3,7"]))
+    assert TrainConfig.from_mapping({"lr_schedule": "multistep", "epochs": 10, "lr_milestones": args["lr_milestones"]}) == cfg
+    # built directly (no from_mapping), the field is checked by validate(): a string there is refused
+    with pytest.raises(ConfigError, match="tuple of whole numbers"):
+        TrainConfig(lr_milestones="3,7").validate()  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        TrainConfig(lr_milestones=(7, 3)).validate()
+
+
+def test_resume_reads_a_run_folder_with_the_old_string_milestones(tmp_path: Path) -> None:
+    """A run folder written before lr_milestones became a tuple holds `lr_milestones: 200,250`
+    (or `''`) in its config.yaml; --resume still reads it."""
+    from das_core.training.loop import resolve_resume_config
+
+    for text, want in (("200,250", (200, 250)), ("''", ())):
+        run = tmp_path / f"run{len(want)}"
+        run.mkdir()
+        schedule = "multistep" if want else "constant"
+        (run / "config.yaml").write_text(
+            f"data:\n  dataset: digits\noptim:\n  epochs: 300\n  lr_schedule: {schedule}\n  lr_milestones: {text}\n"
+        )
+        cfg = resolve_resume_config(run, {"epochs": 301})
+        assert (cfg.lr_milestones, cfg.lr_schedule, cfg.epochs) == (want, schedule, 301)
+
+
 def test_lr_per_epoch_in_a_training_run(tmp_path: Path) -> None:
     from das_core.store.io import read_jsonl
     from das_core.training.loop import train
 
     cfg = TrainConfig(
         dataset="digits", backbone="small-cnn", embedding_dim=16, batch_size=20, samples_per_class=4,
-        epochs=3, steps_per_epoch=2, lr=1e-3, lr_schedule="multistep", lr_milestones="1,2", lr_factor=0.5,
+        epochs=3, steps_per_epoch=2, lr=1e-3, lr_schedule="multistep", lr_milestones=(1, 2), lr_factor=0.5,
         eval_every=3, device="cpu", out=str(tmp_path / "run"),
     )
     train(cfg, show_progress=False)
@@ -173,7 +244,7 @@ def test_lr_schedule_survives_resume(tmp_path: Path) -> None:
 
     cfg = TrainConfig(
         dataset="digits", backbone="small-cnn", embedding_dim=16, batch_size=20, samples_per_class=4,
-        epochs=2, steps_per_epoch=2, lr=1e-3, lr_schedule="multistep", lr_milestones="1,2", lr_factor=0.5,
+        epochs=2, steps_per_epoch=2, lr=1e-3, lr_schedule="multistep", lr_milestones=(1, 2), lr_factor=0.5,
         device="cpu", out=str(tmp_path / "run"),
     )
     train(cfg, show_progress=False)
@@ -355,7 +426,7 @@ def test_presets_json_is_every_resolved_config(capsys: pytest.CaptureFixture[str
         assert doc[name] == preset.config().to_dict()
     for name in (n for n in PRESETS if n.startswith("paper-")):
         c = doc[name]
-        assert (c["epochs"], c["lr_schedule"], c["lr_milestones"], c["lr_factor"]) == (300, "multistep", "200,250", 0.3)
+        assert (c["epochs"], c["lr_schedule"], c["lr_milestones"], c["lr_factor"]) == (300, "multistep", [200, 250], 0.3)
         assert c["class_sampling"] == "replacement" and c["das_bank_overflow"] == "authors"
         assert c["freeze_bn"] and not c["freeze_bn_affine"] and c["ms_beta"] == 40.0
     assert doc["paper-cub-triplet"]["triplet_form"] == "squared"
@@ -408,14 +479,14 @@ def test_recipe_options_from_flags_and_yaml(tmp_path: Path, capsys: pytest.Captu
             "--no-normalize-embeddings", "--embedding-l2", "0.005"]
     assert main(args) == 0
     flat = {k: v for group in json.loads(capsys.readouterr().out).values() for k, v in group.items()}
-    assert (flat["lr_milestones"], flat["lr_factor"], flat["das_gamma_low"], flat["das_gamma_high"]) == ("10,20", 0.5, 0.5, 2.0)
+    assert (flat["lr_milestones"], flat["lr_factor"], flat["das_gamma_low"], flat["das_gamma_high"]) == ([10, 20], 0.5, 0.5, 2.0)
     assert (flat["das_bank_overflow"], flat["class_sampling"], flat["triplet_form"]) == ("authors", "replacement", "squared")
     assert not flat["freeze_bn_affine"] and not flat["normalize_embeddings"] and flat["embedding_l2"] == 0.005
     f = tmp_path / "recipe.yaml"
     f.write_text("optim:\n  lr_schedule: multistep\n  lr_milestones: [200, 250]\n"
                  "das:\n  gamma_low: 0.5\n  gamma_high: 2.0\n  bank_overflow: authors\n")
     cfg = TrainConfig.from_mapping(load_config_file(f))
-    assert (cfg.milestones(), cfg.gamma_range(), cfg.das_bank_overflow) == ((200, 250), (0.5, 2.0), "authors")
+    assert (cfg.lr_milestones, cfg.gamma_range(), cfg.das_bank_overflow) == ((200, 250), (0.5, 2.0), "authors")
     assert main(["train", "--dry-run", "--das-gamma-low", "0.5"]) == 2
     assert "das_gamma_high" in capsys.readouterr().err
 

@@ -186,6 +186,24 @@ def test_cli_command_round_trips_through_the_cli_parser() -> None:
     assert parsed == cfg
 
 
+def test_milestones_are_a_text_field_and_a_flag() -> None:
+    from das_core.cli import build_parser
+
+    spec = {s.name: s for s in train_form.config_fields()}["lr_milestones"]
+    assert spec.kind == "ints" and not spec.optional and "200,250" in spec.allowed
+    name = next(n for n in PRESETS if n.startswith("paper-"))
+    values = train_form.form_values(name)
+    assert values["lr_milestones"] == "200,250" and train_form.form_values()["lr_milestones"] == ""
+    cfg = train_form.config_from_form({**values, "lr_milestones": "100, 150"})
+    assert cfg.lr_milestones == (100, 150)
+    cmd = train_form.cli_command(cfg)
+    assert "--lr-milestones 100,150" in cmd
+    args = vars(build_parser().parse_args(shlex.split(cmd)[3:]))
+    assert TrainConfig.from_mapping({k: v for k, v in args.items() if k in TrainConfig.field_names()}) == cfg
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        train_form.config_from_form({**values, "lr_milestones": "150,100"})
+
+
 def test_progress_summary() -> None:
     p = runs_view.progress_summary({"state": "training", "epoch": 2, "epochs": 4, "step": 5, "steps": 10,
                                   "loss": 0.25, "eta": 125.0})

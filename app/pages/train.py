@@ -108,8 +108,9 @@ with left:
                         format="%d" if spec.kind == "int" else "%g", key=key, help=help_text, **extra,
                     )
                 else:
+                    hint = "e.g. 200,250" if spec.kind == "ints" else ""  # whole numbers as text
                     values[spec.name] = col.text_input(spec.name, key=key, help=help_text,
-                                                       placeholder="default" if spec.optional else "")
+                                                       placeholder="default" if spec.optional else hint)
 
     st.session_state["train_saved"] = {
         "preset": st.session_state["train_preset"],

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from das_core.training.config import GROUPS, ConfigError, TrainConfig
+from das_core.training.config import GROUPS, ConfigError, TrainConfig, field_base
 
 if TYPE_CHECKING:
 
@@ -24,7 +23,7 @@ class FieldSpec:
 
     name: str
     group: str
-    kind: str  # choice | bool | int | float | str
+    kind: str  # choice | bool | int | float | str | ints (whole numbers as text, e.g. 200,250)
     optional: bool  # None is allowed (= "the default" of the CLI)
     default: Any
     help: str
@@ -53,15 +52,12 @@ def config_fields() -> list[FieldSpec]:
     input bounded by the rule (an open bound is the bound itself: the widget accepts it and
     validation refuses it, with the rule in the message), text for strings; ``optional``
     fields may be left at their default (None)."""
-    hints = typing.get_type_hints(TrainConfig)
     out: list[FieldSpec] = []
     for f in dataclasses.fields(TrainConfig):
         rule = TrainConfig.rule(f.name)
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
-        kind = "choice" if rule.choices is not None else {bool: "bool", int: "int", float: "float"}.get(base, "str")
+        base, optional = field_base(f.name)
+        kinds = {bool: "bool", int: "int", float: "float", tuple: "ints"}
+        kind = "choice" if rule.choices is not None else kinds.get(base, "str")
         lo, hi = rule.low, rule.high
         min_v: int | float | None
         max_v: int | float | None
@@ -76,9 +72,10 @@ def config_fields() -> list[FieldSpec]:
             step = _float_step(f.default, lo, hi)
         else:
             min_v = max_v = step = None
+        allowed = "whole numbers of epochs, strictly increasing, e.g. 200,250" if kind == "ints" else rule.describe()
         out.append(FieldSpec(
             name=f.name, group=rule.group, kind=kind, optional=optional, default=f.default, help=rule.help,
-            choices=rule.choices, min_value=min_v, max_value=max_v, step=step, allowed=rule.describe(),
+            choices=rule.choices, min_value=min_v, max_value=max_v, step=step, allowed=allowed,
         ))
     return out
 
@@ -96,7 +93,15 @@ def form_values(preset: str | None = None) -> dict[str, Any]:
     from das_core.training.presets import get_preset
 
     cfg = TrainConfig() if preset is None else get_preset(preset).config()
-    return cfg.to_dict()
+    values = cfg.to_dict()
+    for spec in config_fields():
+        if spec.kind == "ints":  # a text field: 200,250 (config_from_form reads it back)
+            values[spec.name] = _int_text(getattr(cfg, spec.name))
+    return values
+
+
+def _int_text(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def config_from_form(values: Mapping[str, Any]) -> TrainConfig:
@@ -126,6 +131,8 @@ def cli_command(cfg: TrainConfig, *, skip: Sequence[str] = ("out",)) -> str:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            parts.append(f"{flag} {shlex.quote(_int_text(value))}")
         else:
             parts.append(f"{flag} {shlex.quote(format(value, 'g') if isinstance(value, float) else str(value))}")
     return " ".join(parts)

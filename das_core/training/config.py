@@ -289,9 +289,10 @@ class TrainConfig:
         "optim",
         choices=("constant", "multistep", "cosine"),
     )
-    lr_milestones: str = _opt(
-        "",
-        "multistep: comma-separated epoch counts after which the lr is multiplied by lr_factor (e.g. 200,250)",
+    lr_milestones: tuple[int, ...] = _opt(
+        (),
+        "multistep: epoch counts after which the lr is multiplied by lr_factor, strictly increasing "
+        "(flag and text: 200,250; YAML: [200, 250]; empty = none)",
         "optim",
         metavar="E1,E2",
     )
@@ -362,12 +363,14 @@ class TrainConfig:
         return TrainConfig.from_mapping(changes, base=self)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field as plain JSON / YAML data (``lr_milestones`` as a list); ``from_mapping``
+        reads it back."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def grouped(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
         for f in dataclasses.fields(self):
-            out[f.metadata["rule"].group][f.name] = getattr(self, f.name)
+            out[f.metadata["rule"].group][f.name] = _plain(getattr(self, f.name))
         return out
 
     def validate(self) -> None:
@@ -393,8 +396,8 @@ class TrainConfig:
             raise ConfigError(
                 "das_topk", self.das_topk, f"must be <= embedding_dim={self.embedding_dim}"
             )
-        self.milestones()  # raises ConfigError on a malformed list
-        if self.lr_schedule == "multistep" and not self.lr_milestones.strip():
+        _check_milestones(self.lr_milestones)
+        if self.lr_schedule == "multistep" and not self.lr_milestones:
             raise ConfigError("lr_milestones", self.lr_milestones, "multistep needs milestones, e.g. 200,250")
         if (self.das_gamma_low is None) != (self.das_gamma_high is None):
             raise ConfigError(
@@ -433,21 +436,6 @@ class TrainConfig:
             check_path(name, getattr(self, name))
         if self.backbone == "small-cnn" and self.image_size is not None and self.image_size < 16:
             raise ConfigError("image_size", self.image_size, "the small CNN needs at least 16 pixels")
-
-    def milestones(self) -> tuple[int, ...]:
-        """``lr_milestones`` as epoch counts (strictly increasing, >= 1)."""
-        text = self.lr_milestones.strip()
-        if not text:
-            return ()
-        try:
-            values = tuple(int(part) for part in text.split(","))
-        except ValueError:
-            raise ConfigError(
-                "lr_milestones", self.lr_milestones, "comma-separated whole numbers of epochs, e.g. 200,250"
-            ) from None
-        if any(v < 1 for v in values) or any(b <= a for a, b in zip(values, values[1:], strict=False)):
-            raise ConfigError("lr_milestones", self.lr_milestones, "epoch counts >= 1, strictly increasing")
-        return values
 
     def gamma_range(self) -> tuple[float, float]:
         """The DFS scale range ``[low, high)``: the asymmetric ends when set, else ``1 ∓ r_s``."""
@@ -536,6 +524,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         args = [a for a in get_args(hint) if a is not type(None)]
         optional = len(args) < len(get_args(hint))
         target = args[0]
+    if get_origin(target) is tuple:
+        return _int_tuple(name, value)
     if value is None:
         if optional:
             return None
@@ -563,17 +553,59 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if target is str:
         if isinstance(value, Path):
             return str(value)
-        if name == "lr_milestones" and _is_int_list(value):  # YAML `[200, 250]` or `200`
-            return ",".join(str(v) for v in (value if isinstance(value, list | tuple) else [value]))
         if not isinstance(value, str):
             raise ConfigError(name, value, "must be a string")
         return value
     return value  # pragma: no cover - every field is one of the types above
 
 
-def _is_int_list(value: Any) -> bool:
-    items = value if isinstance(value, list | tuple) else [value]
-    return all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+def _plain(value: Any) -> Any:
+    """A field value as JSON / YAML data: tuples become lists (``yaml.safe_dump`` refuses tuples)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _is_whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
+    """An epoch list in any of the forms users and stored configs use: ``"200,250"`` (the CLI,
+    old run folders and checkpoints; ``""`` = none), ``[200, 250]`` (YAML, JSON) or ``200``."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return ()
+        try:
+            return tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise ConfigError(name, value, "comma-separated whole numbers of epochs, e.g. 200,250") from None
+    if _is_whole(value):
+        return (value,)
+    if isinstance(value, list | tuple) and all(_is_whole(v) for v in value):
+        return tuple(value)
+    raise ConfigError(name, value, "whole numbers of epochs: a list [200, 250], the text 200,250, or one number")
+
+
+def _check_milestones(values: Any) -> None:
+    if not isinstance(values, tuple) or not all(_is_whole(v) for v in values):
+        raise ConfigError(
+            "lr_milestones", values, "a tuple of whole numbers of epochs, e.g. (200, 250); from_mapping also reads 200,250"
+        )
+    if any(v < 1 for v in values) or any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        raise ConfigError("lr_milestones", values, "epoch counts >= 1, strictly increasing")
+
+
+def field_base(name: str) -> tuple[type, bool]:
+    """The value type of a ``TrainConfig`` field (``bool``, ``int``, ``float``, ``str``, or
+    ``tuple`` for a list of whole numbers) and whether ``None`` is allowed: what the CLI flags,
+    the app's form and the sweep parser build on."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if get_origin(hint) is tuple:
+        return tuple, False
+    args = get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    return base, optional
 
 
 def _type_name(t: Any) -> str:

@@ -99,7 +99,7 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
     epoch - 1`` (epochs already done); ``cosine`` is ``CosineAnnealingLR(T_max=epochs)``."""
     done = epoch - 1
     if cfg.lr_schedule == "multistep":
-        return float(cfg.lr_factor ** sum(1 for m in cfg.milestones() if m <= done))
+        return float(cfg.lr_factor ** sum(1 for m in cfg.lr_milestones if m <= done))
     if cfg.lr_schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * done / cfg.epochs))
     return 1.0

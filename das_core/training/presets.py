@@ -34,7 +34,7 @@ _PAPER = {
     "class_sampling": "replacement",
     "epochs": 300,
     "lr_schedule": "multistep",
-    "lr_milestones": "200,250",
+    "lr_milestones": (200, 250),
     "lr_factor": 0.3,
     "ms_beta": 40.0,
     "das": True,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from das_core.training.config import SELECT_METRICS, ConfigError, TrainConfig
+from das_core.training.config import SELECT_METRICS, ConfigError, TrainConfig, field_base
 
 log = logging.getLogger("das_core.sweep")
 
@@ -113,9 +113,12 @@ def shown_values(values: Mapping[str, Any]) -> str:
 
 
 def field_kind(name: str) -> Literal["bool", "int", "float", "str"]:
-    hint = typing.get_type_hints(TrainConfig)[name]
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-    kinds: dict[Any, Literal["bool", "int", "float", "str"]] = {bool: "bool", int: "int", float: "float", str: "str"}
+    """How a sweep value of the field is read; a list field (``lr_milestones``) takes text,
+    one list per value, checked by the config (``lr_milestones=200,250`` sweeps (200,) and (250,))."""
+    base, _ = field_base(name)
+    kinds: dict[Any, Literal["bool", "int", "float", "str"]] = {
+        bool: "bool", int: "int", float: "float", str: "str", tuple: "str",
+    }
     return kinds[base]
 
 
