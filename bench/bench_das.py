@@ -150,17 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out = ROOT / "bench" / "results" / ("das_forward_quick.json" if args.quick else "das_forward.json")
 
     torch.set_num_threads(args.threads)
-    hp: dict[str, Any] = {
-        "num_classes": 100,
-        "dim": 512,
-        "num_produce": 3,
-        "topk": 4,
-        "r_s": 0.01,
-        "r_b": 0.01,
-        "bank_size": 10,
-        "normalize": True,
-        "detach": True,
-    }
+    # DAS's own defaults (the paper's T, K, r_s, r_b, Z; pinned by tests/test_das.py) at C = 100, d = 512
+    hp: dict[str, Any] = DenselyAnchoredSampling(100, 512).config()
     reps_fast, reps_ref = (30, 5) if args.quick else (300, 30)
     print(
         f"DAS forward bench: CPU {cpu_model()}, torch {torch.__version__}, threads {torch.get_num_threads()}"

@@ -16,6 +16,7 @@ from das_core.crashlog import LAST_RESORT
 from das_core.models import build_model
 from das_core.store.checkpoint import save_checkpoint
 from das_core.training.config import TrainConfig
+from das_core.training.losses import build_criterion
 
 
 def small_checkpoint(path: Path, *, class_names: list[str] | None = None) -> Path:
@@ -53,9 +54,10 @@ def edited(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Path
     return write_with_header(dst, json.dumps(header).encode(), body)
 
 
-def legacy(path: Path, **changes: Any) -> Path:
-    """A legacy ``.pt`` checkpoint (format 0) with some fields replaced."""
-    cfg = TrainConfig.from_mapping({"embedding_dim": 8, "dataset": "digits"})
+def legacy(path: Path, *, das: bool = False, **changes: Any) -> Path:
+    """A legacy ``.pt`` checkpoint (format 0) with some fields replaced; ``das``: trained with
+    DAS, its state saved under ``"das"``."""
+    cfg = TrainConfig.from_mapping({"embedding_dim": 8, "dataset": "digits", "das": das})
     model = build_model(cfg, pretrained=False)
     obj = {
         "format": "das-explorer",
@@ -67,6 +69,10 @@ def legacy(path: Path, **changes: Any) -> Path:
         "metrics": {},
         "epoch": 2,
     }
+    if das:
+        crit = build_criterion(cfg, num_classes=5)
+        assert crit.das is not None
+        obj["das"] = crit.das.state_dict()
     obj.update(changes)
     torch.save(obj, path)
     return path

@@ -4,7 +4,9 @@ import json
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from das_core.store.checkpoint import (
 from das_core.store.io import file_key
 from das_core.training.config import TrainConfig
 from das_core.training.losses import build_criterion
+from tests.reliability_helpers import edited, legacy, small_checkpoint, split_file
 
 
 def _save(path: Path, das: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, TrainConfig]:
@@ -147,28 +150,38 @@ def test_pickle_carrying_code_is_refused_and_nothing_runs(tmp_path: Path) -> Non
 
 
 def test_legacy_pt_is_migrated(tmp_path: Path) -> None:
-    cfg = TrainConfig.from_mapping({"embedding_dim": 16, "das": True, "dataset": "digits"})
-    model = build_model(cfg)
-    crit = build_criterion(cfg, num_classes=5)
-    assert crit.das is not None
-    legacy = {
-        "format": "das-explorer",
-        "config": cfg.to_dict(),
-        "class_names": list("abcde"),
-        "dataset": "digits",
-        "preprocessing": json.loads(model.preprocessing.to_json()),
-        "model": model.state_dict(),
-        "das": crit.das.state_dict(),
-        "metrics": {},
-        "epoch": 2,
-    }
-    torch.save(legacy, tmp_path / "old.pth")
-    ckpt = load_checkpoint(tmp_path / "old.pth")
+    ckpt = load_checkpoint(legacy(tmp_path / "old.pth", das=True))
     assert ckpt.format_version == FORMAT_VERSION and ckpt.has_das and ckpt.epoch == 2
     assert ckpt.build_das() is not None
-    torch.save({"state_dict": model.state_dict()}, tmp_path / "foreign.pt")
+    torch.save({"state_dict": ckpt.build_model().state_dict()}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a DAS Explorer checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_checkpoints_storing_the_old_string_milestones_still_load(tmp_path: Path) -> None:
+    """Checkpoints written before lr_milestones became a tuple store it as text ("200,250", or ""
+    for none) in their JSON config: both the safetensors metadata and a legacy .pt still load."""
+    new = TrainConfig.from_mapping({"embedding_dim": 8, "dataset": "digits"})
+
+    def old_form(milestones: str) -> dict[str, object]:
+        return {**new.to_dict(), "lr_schedule": "multistep" if milestones else "constant", "lr_milestones": milestones}
+
+    def set_config(milestones: str) -> Callable[[dict[str, Any]], None]:
+        def edit(header: dict[str, Any]) -> None:
+            header["__metadata__"]["config"] = json.dumps(old_form(milestones), sort_keys=True)
+        return edit
+
+    src = small_checkpoint(tmp_path / "new.safetensors")
+    for text, want in (("200,250", (200, 250)), ("", ())):
+        ckpt = load_checkpoint(edited(src, tmp_path / f"old{len(want)}.safetensors", set_config(text)))
+        assert ckpt.config.lr_milestones == want
+        assert ckpt.config == new.replace(lr_schedule="multistep" if want else "constant", lr_milestones=want)
+    old_pt = load_checkpoint(legacy(tmp_path / "old.pt", config=old_form("200,250")))
+    assert old_pt.config.lr_milestones == (200, 250) and old_pt.config.lr_schedule == "multistep"
+    # a newly saved checkpoint stores the list; it loads back as the same tuple
+    saved = small_checkpoint(tmp_path / "again.safetensors")
+    header, _ = split_file(saved)
+    assert json.loads(header["__metadata__"]["config"])["lr_milestones"] == []
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
