@@ -1,6 +1,6 @@
-"""Export: the Parquet file read back with pandas, the TensorBoard projector files read back
-with TensorBoard's own config parser, and ``python -m das_core export`` on a trained run and on
-an embeddings file."""
+"""Export: the Parquet file read back with pandas (and its Arrow types), the TensorBoard
+projector files read back with TensorBoard's own config parser, and ``python -m das_core
+export`` on a trained run and on an embeddings file."""
 
 from __future__ import annotations
 
@@ -55,6 +55,23 @@ def test_parquet_reads_back_with_pandas() -> None:
     assert real["x"].tolist()[:3] == [0.0, 1.0, 2.0] and real["anchor"].isna().all()
     assert prod["anchor"].tolist() == [0, 4] and prod["image_id"].isna().all() and prod["path"].isna().all()
     assert prod["x"].tolist() == [0.5, 4.5]
+
+
+def test_parquet_column_types_are_what_embedding_atlas_and_fiftyone_read() -> None:
+    """The Arrow types the README's Embedding Atlas / FiftyOne commands rely on: a numeric list
+    column is a vector to Atlas (``--vector``), float ``x``/``y`` its projection, a string column
+    its ``--text``; the ``vector`` rows become FiftyOne's ``embedding`` arrays. Neither tool is
+    installed here (too heavy, see README); this schema was read by hand with Embedding Atlas
+    0.26's own loader (``embedding_atlas.cli.load_datasets``), so this test pins it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    es = _set()
+    schema = pq.read_schema(io.BytesIO(parquet_bytes(_table(es))))
+    want = {"vector": pa.list_(pa.float32()), "label": pa.int64(), "class_name": pa.string(),
+            "image_id": pa.int64(), "path": pa.string(), "x": pa.float32(), "y": pa.float32(),
+            "produced": pa.bool_(), "anchor": pa.int64()}
+    assert {f.name: f.type for f in schema} == want
 
 
 def test_tensorboard_files_open_with_tensorboards_reader(tmp_path: Path) -> None:
