@@ -105,10 +105,11 @@ def embedding_map(
     classes", a colour per class, the class name in each point's hover label, no legend entry)
     and only ``highlight_classes`` get a trace and legend entry of their own, drawn on top.
 
-    ``produced_slots`` (instead of ``produced``): the classes DAS may produce from, each given an
-    empty produced trace (``meta`` :func:`produced_slot`, plus :data:`LINKS_SLOT` for the links when
-    ``show_links``) that the browser fills in (``app.produced_layer``), so that the figure, and
-    what is sent for it, does not change when only the produced points do."""
+    ``produced_slots``: the classes DAS may produce from, each given a produced trace (``meta``
+    :func:`produced_slot`, plus :data:`LINKS_SLOT` for the links when ``show_links``), holding the
+    points of ``produced`` from that class (none without ``produced``), that the browser fills in
+    anew when only the produced points change (``app.produced_layer``), so that the figure, and
+    what is sent for it, stays the same."""
     fig = go.Figure()
     present = np.unique(labels)
     many = is_many(len(present))
@@ -136,26 +137,32 @@ def embedding_map(
                 hovertemplate="%{fullData.name} · #%{customdata[0]}<extra></extra>",
             )
         )
-    if produced is None and produced_slots is not None:
-        empty = np.zeros(0, dtype=np.float32)
-        produced = (np.zeros((0, 2), np.float32), empty.astype(np.int64), empty.astype(np.int64),
-                    empty.astype(np.int64))
-        slots: list[int] | None = sorted({int(c) for c in produced_slots})
+    slots: list[int] | None = None
+    if produced_slots is not None:
+        slots = sorted({int(c) for c in produced_slots})
         if many and len(slots) > MAX_LEGEND_CLASSES:
             raise ValueError(f"at most {MAX_LEGEND_CLASSES} produced classes can have slots of their own, "
                              f"not {len(slots)}")
-    else:
-        slots = None
+        if produced is None:
+            empty = np.zeros(0, dtype=np.int64)
+            produced = (np.zeros((0, 2), np.float32), empty, empty, empty)
+        stray = set(np.unique(produced[1]).tolist()) - set(slots)
+        if stray:
+            raise ValueError(f"points produced from classes without a slot: {sorted(stray)}")
     if produced is not None:
         p_xy, p_lab, p_anchor, p_round = produced
         if show_links and (slots is not None or (anchor_coords is not None and len(p_xy))):
             n = len(p_xy)
-            lx = np.empty(3 * n, dtype=np.float64)
-            ly = np.empty(3 * n, dtype=np.float64)
+            # float32 like the points they join; class by class, in the order of the produced
+            # traces (the order app.produced_layer writes them in when the points change)
+            lx = np.empty(3 * n, dtype=np.float32)
+            ly = np.empty(3 * n, dtype=np.float32)
             if n:
-                assert anchor_coords is not None
-                lx[0::3], lx[1::3], lx[2::3] = anchor_coords[:, 0], p_xy[:, 0], np.nan
-                ly[0::3], ly[1::3], ly[2::3] = anchor_coords[:, 1], p_xy[:, 1], np.nan
+                if anchor_coords is None:
+                    raise ValueError("links to the anchors need anchor_coords (or show_links=False)")
+                order = np.argsort(p_lab, kind="stable")
+                lx[0::3], lx[1::3], lx[2::3] = anchor_coords[order, 0], p_xy[order, 0], np.nan
+                ly[0::3], ly[1::3], ly[2::3] = anchor_coords[order, 1], p_xy[order, 1], np.nan
             fig.add_trace(
                 go.Scattergl(
                     x=lx, y=ly, mode="lines", name="anchor → produced", hoverinfo="skip", meta=LINKS_SLOT,

@@ -9,7 +9,9 @@ r_b move (the real points, and an empty trace per class DAS produces from, see
 ``Plotly.restyle`` (the ``window.Plotly`` that Streamlit's own chart bundle sets). Plotly's
 restyle event makes Streamlit's chart keep the new data as its state, so hover (``app.hover``
 reads ``customdata`` as before) and box / lasso selection see the produced points as if they
-had been in the figure all along.
+had been in the figure all along. A graph whose traces hold the payload's points already (the
+session's first draw, whose figure carries them, or Streamlit's redraw from its copy of the
+data after a restyle) is left alone: compared by value, so the map is drawn once per change.
 
 The payload is compact: little-endian typed arrays in base64 (float32 positions, int32 anchor
 ids, uint8 rounds), grouped by the trace they belong to (its ``meta``); the links' anchor ends
@@ -51,8 +53,17 @@ function realPositions(g) {
 
 export default function(component) {
   const p = component.data || {};
-  const token = {};  // this payload; a graph holds it when its slot traces carry it
-  let gd = null, timer = null, stopped = false;
+  // the payload's points, decoded once
+  const want = (p.slots || []).map(s => ({
+    slot: s.slot, xy: decode(s.xy, Float32Array), anchor: decode(s.anchor, Int32Array), round: decode(s.round, Uint8Array),
+  }));
+  let gd = null, timer = null, stopped = false, restyles = 0;
+  // Streamlit runs this function again for each new payload without stopping the previous
+  // run: the newest run for a map is the live one, and an older one retires when it notices
+  // (two live ones would write their points over each other's, back and forth).
+  const live = (window.__dasProducedLive = window.__dasProducedLive || {});
+  const me = {};
+  live[p.target] = me;
 
   // The traces (index, x, y, customdata) that the payload fills in, or null while the graph
   // lacks one of them (not drawn yet, or drawn from another figure).
@@ -61,15 +72,13 @@ export default function(component) {
     const lx = [], ly = [];
     const li = g.data.findIndex(t => t.meta === p.links_slot);
     const real = li >= 0 ? realPositions(g) : null;
-    for (const s of p.slots || []) {
-      const i = g.data.findIndex(t => t.meta === s.slot);
+    for (const w of want) {
+      const i = g.data.findIndex(t => t.meta === w.slot);
       if (i < 0) return null;
-      const xy = decode(s.xy, Float32Array);
-      const anchor = decode(s.anchor, Int32Array), round = decode(s.round, Uint8Array);
-      const n = anchor.length, x = new Array(n), y = new Array(n), cd = new Array(n);
+      const n = w.anchor.length, x = new Array(n), y = new Array(n), cd = new Array(n);
       for (let k = 0; k < n; k++) {
-        x[k] = xy[2 * k]; y[k] = xy[2 * k + 1]; cd[k] = [anchor[k], round[k]];
-        const a = real && real.get(anchor[k]);
+        x[k] = w.xy[2 * k]; y[k] = w.xy[2 * k + 1]; cd[k] = [w.anchor[k], w.round[k]];
+        const a = real && real.get(w.anchor[k]);
         if (a) { lx.push(a[0], x[k], NaN); ly.push(a[1], y[k], NaN); }
       }
       idx.push(i); xs.push(x); ys.push(y); cds.push(cd);
@@ -78,43 +87,69 @@ export default function(component) {
     return {idx, xs, ys, cds};
   }
 
+  // Whether the graph's produced traces hold exactly the payload's points: drawn so from the
+  // figure (the first draw of a session carries them), filled in by us, or redrawn by Streamlit
+  // from its copy of them. Compared by value (float32 positions, anchor ids, rounds), so a copy
+  // counts, and a graph that holds them is not redrawn.
   function holds(g) {
-    return (p.slots || []).every(s => { const t = g.data.find(t => t.meta === s.slot); return t && t._dasProduced === token; });
+    return want.every(w => {
+      const t = g._fullData.find(t => t.meta === w.slot);
+      const n = w.anchor.length;
+      if (!t || !t.x || !t.y || t.x.length !== n || t.y.length !== n) return false;
+      const cd = t.customdata || [];
+      for (let k = 0; k < n; k++) {
+        const row = cd[k];
+        if (+t.x[k] !== w.xy[2 * k] || +t.y[k] !== w.xy[2 * k + 1] || !row
+            || Number(row[0]) !== w.anchor[k] || Number(row[1]) !== w.round[k]) return false;
+      }
+      return true;
+    });
+  }
+
+  function current() {
+    if (!stopped && live[p.target] !== me) stop();
+    return !stopped;
   }
 
   function apply() {
-    if (stopped) return;
+    if (!current()) return;
     const g = document.querySelector('.st-key-' + p.target + ' .js-plotly-plot');
     const ready = g && Array.isArray(g.data) && g._fullLayout && g._fullData && window.Plotly;
-    const u = ready ? updates(g) : null;
-    if (!u) { timer = setTimeout(apply, 50); return; }
+    if (!ready) { timer = setTimeout(apply, 50); return; }
     if (g !== gd) {  // a new graph (first draw, or a new figure): re-apply if it is ever redrawn without us
       if (gd && gd.removeListener) gd.removeListener('plotly_afterplot', check);
       gd = g;
       gd.on('plotly_afterplot', check);
     }
-    if (holds(g)) return;
-    for (const i of u.idx) g.data[i]._dasProduced = token;
+    if (holds(g)) { restyles = 0; return; }
+    const u = updates(g);
+    if (!u) { timer = setTimeout(apply, 50); return; }
+    // a safety net: the values written are the ones compared, so one restyle settles a graph;
+    // never loop on a graph that would not take them
+    if (restyles++ >= 4) return;
     window.Plotly.restyle(g, {x: u.xs, y: u.ys, customdata: u.cds}, u.idx);
   }
 
   function check() {
-    if (!stopped && gd && !holds(gd)) { clearTimeout(timer); timer = setTimeout(apply, 0); }
+    if (current() && gd && !holds(gd)) { clearTimeout(timer); timer = setTimeout(apply, 0); }
   }
 
   // a graph that replaces ours (Streamlit drew a new figure) gets the points too
   const obs = new MutationObserver(() => {
+    if (!current()) return;
     const g = document.querySelector('.st-key-' + p.target + ' .js-plotly-plot');
     if (g && g !== gd) { clearTimeout(timer); apply(); }
   });
-  obs.observe(document.body, {childList: true, subtree: true});
-  apply();
-  return () => {
+  function stop() {
     stopped = true;
     clearTimeout(timer);
     obs.disconnect();
     if (gd && gd.removeListener) gd.removeListener('plotly_afterplot', check);
-  };
+    if (live[p.target] === me) delete live[p.target];
+  }
+  obs.observe(document.body, {childList: true, subtree: true});
+  apply();
+  return stop;
 }
 """
 

@@ -328,33 +328,42 @@ def gap_reference(ckpt: Checkpoint, es: EmbeddingSet, anchors: np.ndarray) -> An
     return _gap_reference(ckpt.identity, es.split, digest, es, anchors)
 
 
-@st.cache_resource(max_entries=8, show_spinner=False)
-def _explore_figure(key: str, split: str, seed: int, classes: tuple[int, ...], show_links: bool,
-                    thumbs: dict[str, Any] | None, uirevision: str, _mp: MapResult,
-                    _es: EmbeddingSet) -> tuple[Any, list[int]]:
+def explore_figure(ckpt: Checkpoint, es: EmbeddingSet, mp: MapResult, classes: list[int], *, show_links: bool,
+                   thumbs: dict[str, Any] | None,
+                   produced: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+                   ) -> tuple[Any, list[int]]:
+    """The Explore map and the classes it has produced traces for: the real points (all of them
+    with many classes, else those of ``classes``) and a trace per class of ``classes`` in the
+    split (``plots.embedding_map(produced_slots=...)``), holding the points ``produced``
+    (``(coords, labels, anchor ids, rounds)``) as they were when this session first drew this
+    figure.
+
+    One figure per session and choice (checkpoint, split, classes, links): it does not change
+    when the sliders move, so neither does what Streamlit sends for it (the browser's message
+    cache then spares re-sending it, and a 35,000-point figure is not rebuilt on every rerun);
+    the produced points of later moves travel on their own (``app.produced_layer``). The first
+    draw holds the points already, so the browser draws the map once, not once empty and again
+    filled. Do not modify it."""
+    import json
+
     from app import plots
 
-    many = plots.is_many(len(_es.class_names))
-    keep = np.ones(len(_es), dtype=bool) if many else np.isin(_es.labels, classes)
-    slots = sorted(set(classes) & set(np.unique(_es.labels[keep]).tolist()))
+    key = (ckpt.identity, es.split, mp.seed, tuple(int(c) for c in classes), bool(show_links),
+           json.dumps(thumbs, sort_keys=True, default=str))
+    held = st.session_state.get("_explore_figure")
+    if held is not None and held[0] == key:
+        return held[1], held[2]
+    many = plots.is_many(len(es.class_names))
+    keep = np.ones(len(es), dtype=bool) if many else np.isin(es.labels, classes)
+    slots = sorted(set(int(c) for c in classes) & set(np.unique(es.labels[keep]).tolist()))
+    anchor_xy = None if produced is None else mp.coords[np.asarray(produced[2], dtype=np.int64)]
     fig = plots.embedding_map(
-        _mp.coords[keep], _es.labels[keep], _es.class_names, np.flatnonzero(keep), produced_slots=slots,
-        show_links=show_links, thumbs=thumbs, uirevision=uirevision, highlight_classes=list(classes),
+        mp.coords[keep], es.labels[keep], es.class_names, np.flatnonzero(keep), produced=produced,
+        anchor_coords=anchor_xy, produced_slots=slots, show_links=show_links, thumbs=thumbs,
+        uirevision=f"explore-{ckpt.path}-{es.split}", highlight_classes=list(classes),
     )
+    st.session_state["_explore_figure"] = (key, fig, slots)
     return fig, slots
-
-
-def explore_figure(ckpt: Checkpoint, es: EmbeddingSet, mp: MapResult, classes: list[int], *, show_links: bool,
-                   thumbs: dict[str, Any] | None) -> tuple[Any, list[int]]:
-    """The Explore map without its produced points, and the classes it has produced traces
-    for: the real points (all of them with many classes, else those of ``classes``) and an empty
-    trace per class of ``classes`` in the split (``plots.embedding_map(produced_slots=...)``).
-
-    Built once per choice of classes and shared: it does not change when the sliders move, so
-    neither does what Streamlit sends for it (the browser's message cache then spares re-sending
-    it), and a 35,000-point figure is not rebuilt on every rerun. Do not modify it."""
-    return _explore_figure(ckpt.identity, es.split, mp.seed, tuple(int(c) for c in classes), show_links,
-                           thumbs, f"explore-{ckpt.path}-{es.split}", mp, es)
 
 
 def display_image(dataset: Any, index: int, size: int = 112) -> Any:

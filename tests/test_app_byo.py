@@ -44,13 +44,15 @@ def _open(page: str, path: Path) -> AppTest:
 
 
 def _produced(at: AppTest) -> list[float]:
-    """The x of every produced point: in a figure, or (Explore's map) sent on their own."""
+    """The x of every produced point: in a figure, or (Explore's map) sent on their own (the map's
+    produced traces, ``meta`` ``produced-…``, hold the session's first points, which the layer
+    sends again: the layer's are the current ones)."""
     from app.produced_layer import decode_payload
 
     out: list[float] = []
     for spec in plotly_specs(at):
         for trace in spec["data"]:
-            if str(trace.get("name", "")).startswith("produced"):
+            if str(trace.get("name", "")).startswith("produced") and not str(trace.get("meta", "")).startswith("produced-"):
                 out += decode(trace["x"])
     for layer in produced_layers(at):
         out += [float(x) for slot in decode_payload(layer).values() for x in slot["xy"][:, 0]]

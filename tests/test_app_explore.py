@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -39,11 +40,19 @@ def test_explore_renders_and_sliders_re_produce(run_ckpt: Path) -> None:
     spec = _explore_map(at)
     slots = {t["meta"]: t for t in spec["data"] if t.get("meta", "").startswith("produced-")}
     before = _produced(at)
-    # one produced trace per class (the 5 digit classes of the training split) and the links,
-    # all sent empty: the browser fills them from the component
+    # one produced trace per class (the 5 digit classes of the training split) and the links;
+    # the session's first draw carries the points the component sends too (the browser then
+    # draws the map once), exactly: float32 positions, anchor ids and rounds
     assert set(slots) == set(before) | {"produced-links"} and len(before) == 5
     assert all(t["name"].startswith("produced") for u, t in slots.items() if u != "produced-links")
-    assert all(len(decode(t["x"])) == 0 for t in slots.values())
+    for u, p in before.items():
+        assert slots[u]["x"]["dtype"] == slots[u]["y"]["dtype"] == "f4", u  # sent as float32, not rounded
+        xy = np.stack([decode(slots[u]["x"]), decode(slots[u]["y"])], axis=1)
+        assert (xy == p["xy"]).all(), u
+        cd = np.asarray(decode(slots[u]["customdata"])).reshape(-1, 2)
+        assert (cd[:, 0] == p["anchor"]).all() and (cd[:, 1] == p["round"]).all(), u
+    n_links = sum(len(p["anchor"]) for p in before.values())
+    assert len(decode(slots["produced-links"]["x"])) == 3 * n_links  # anchor, produced point, gap
     # default: 50 anchors per class x T rounds on the training split (5 digit classes)
     rounds = at.sidebar.number_input(key="T").value
     assert sum(len(p["anchor"]) for p in before.values()) == 5 * 50 * rounds

@@ -194,3 +194,46 @@ def test_explore_a_new_figure_gets_the_produced_points_again(browser: Any, serve
         wait_idle(page)
         assert produced_signature(page) == before
         assert_clean(page)
+
+
+# JS: count the browser's Plotly.restyle calls on the page (app.produced_layer is their only caller)
+COUNT_RESTYLES_JS = """() => { const P = window.Plotly;
+  if (!P.__dasCount) { const o = P.restyle; P.__dasCount = {n: 0}; P.restyle = function(...a) { P.__dasCount.n++; return o.apply(this, a); }; }
+  return P.__dasCount.n; }"""
+# JS: redraw the map as it is (Plotly.react on its own data) and resolve once everything that
+# its plotly_afterplot listeners queued has run (an afterplot listener that finds the map not
+# holding its points queues its restyle with setTimeout 0; two more turns of the task queue
+# come after it): the restyles counted since then, and the produced points' checksum
+REDRAW_AND_SETTLE_JS = """(key) => new Promise(done => {
+  const gd = document.querySelector('.st-key-' + key + ' .js-plotly-plot'), P = window.Plotly;
+  const n0 = P.__dasCount.n;
+  gd.once('plotly_afterplot', () => setTimeout(() => setTimeout(() => setTimeout(() => done(P.__dasCount.n - n0), 0), 0), 0));
+  P.react(gd, gd.data, gd.layout);
+})"""
+
+
+def test_explore_slider_moves_leave_one_writer_of_the_produced_points(browser: Any, server: AppServer,
+                                                                     request: pytest.FixtureRequest) -> None:
+    """Streamlit runs the produced layer's JavaScript anew for every payload without stopping the
+    previous run: only the newest may write into the map. Two writers would put their points
+    back and forth for ever (the map showing an old r_s's points half of the time): after two
+    moves, a redraw of the map that keeps its data must restyle nothing and leave the points
+    as they are, and each move costs one restyle."""
+    page, _, _ = _open_map(browser, server, COLD_TIMEOUT)
+    with shot_on_failure(page, request.node.name):
+        thumb = page.locator('.st-key-r_s input[type="range"]')
+        counts = []
+        for _ in range(2):
+            before = produced_signature(page)
+            assert before is not None
+            n0 = page.evaluate(COUNT_RESTYLES_JS)
+            thumb.focus()
+            page.keyboard.press("ArrowRight")
+            wait_produced_moved(page, before)
+            wait_idle(page)
+            counts.append(page.evaluate(COUNT_RESTYLES_JS) - n0)
+        settled = produced_signature(page)
+        assert page.evaluate(REDRAW_AND_SETTLE_JS, "explore_map") == 0, "a redraw that kept the points restyled them"
+        assert produced_signature(page) == settled
+        assert counts == [1, 1], counts  # one restyle per move: the newest payload's, once
+        assert_clean(page)

@@ -84,13 +84,16 @@ def produce_and_draw() -> None:
             das, es.embeddings, es.labels, anchors, r_s=r_s, r_b=r_b, rounds=int(rounds), topk=int(topk),
             use_dfs=use_dfs, use_mts=use_mts, seed=int(seed),
         )
-        p_xy = state.placer(ckpt, es, mp)(produced) if len(produced) else np.zeros((0, 2), np.float32)
+        # float32, as the browser gets them (app.produced_layer): it compares what the map holds with them
+        p_xy = (state.placer(ckpt, es, mp)(produced) if len(produced) else np.zeros((0, 2))).astype(np.float32)
     ids = np.flatnonzero(keep)
     show_links = st.toggle("Link produced points to their anchors", value=True, key="links")
-    # The figure holds the real points and an empty trace per class DAS produces from; it does
-    # not change when the sliders move, so the browser's message cache spares re-sending it,
-    # and the produced points travel on their own (app.produced_layer fills the traces in).
-    fig, slots = state.explore_figure(ckpt, es, mp, classes, show_links=show_links, thumbs=thumbs)
+    # The figure holds the real points and a trace per class DAS produces from, with the points
+    # produced when this session first drew it; it does not change when the sliders move, so the
+    # browser's message cache spares re-sending it, and the produced points of later moves travel
+    # on their own (app.produced_layer fills the traces in).
+    now = (p_xy, p_lab, p_anchor, p_round) if len(produced) else None
+    fig, slots = state.explore_figure(ckpt, es, mp, classes, show_links=show_links, thumbs=thumbs, produced=now)
     which = (f"all {len(names):,} classes, {len(classes)} highlighted" if many
              else f"all of the {len(classes)} chosen classes; {len(es):,} in the split")
     st.caption(
@@ -100,7 +103,7 @@ def produce_and_draw() -> None:
     )
     event = st.plotly_chart(fig, key="explore_map", on_select="rerun", selection_mode=("points", "box", "lasso"),
                             width="stretch")
-    show_produced("explore_map", slots, (p_xy, p_lab, p_anchor, p_round) if len(produced) else None)
+    show_produced("explore_map", slots, now)
     from app.downloads import export_buttons
 
     export_buttons(ckpt, es, split, ids, mp.coords, (produced, p_lab, p_anchor, p_xy), {
