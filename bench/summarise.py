@@ -112,7 +112,8 @@ def speed_table(machine: dict[str, Any]) -> str:
         rows.append((
             "app: bytes sent per slider move / first draw of the demo map (new session; real points sent once)",
             f"{sl['max_move_bytes'] / 1e3:,.1f} kB / {sl['first_draw_bytes'] / 1e3:,.0f} kB = "
-            f"**{100 * sl['ratio']:.1f} %**" + (f" (before: {100 * was['ratio']:.0f} %)" if was else "") + f"; {when}",
+            f"**{100 * sl['ratio']:.1f} %**" + (f" (before: {100 * was['ratio']:.0f} %)" if was and "ratio" in was else "")
+            + f"; {when}",
             "≤ 10 %", _yes(sl["ratio"] <= 0.10),
         ))
         rows.append(("app: slider move → produced points redrawn, after that change (in Chromium)",
