@@ -262,3 +262,32 @@ def test_cancelling_a_sweep_job_records_its_running_trial_as_failed(tmp_path: Pa
     # SIGTERM reached the sweep as an interrupt: the study says the trial failed, not running
     states = [t.state for t in study_of(job.run_dir).get_trials()]
     assert states == [optuna.trial.TrialState.FAIL], (states, jobs.log_tail(current))
+
+
+def test_every_opening_of_the_study_holds_the_sweeps_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening Optuna's SQLite storage may write (tables; the schema's version stamp, even for a
+    reader), so a reader opening it while a worker creates the study made the worker fail on its
+    own stamp (UNIQUE constraint failed: alembic_version.version_num, a sweep job started while
+    its folder was being polled). Every opening, the workers' and the readers', holds the
+    sweep's lock: checked at the moment of opening, from a second open file description, which
+    an flock held by this process blocks."""
+    import fcntl
+
+    folder = tmp_path / "sweep"
+    sweep = build_sweep(BASE, ["r_s=0.01,0.1"], sampler="grid")
+    sweeps.prepare_sweep_folder(folder, sweep)
+    opened: list[str] = []
+    real = sweeps._storage
+
+    def checked(sweep_dir: Path, **kw: object) -> object:
+        # held: the lock cannot be taken a second time
+        with open(Path(sweep_dir) / sweeps.LOCK_FILE, "a+") as fh, pytest.raises(BlockingIOError):
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        opened.append("reader" if kw.get("reader") else "worker")
+        return real(sweep_dir, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sweeps, "_storage", checked)
+    sweeps.open_study(folder, sweep)  # a worker creates the study
+    assert sweeps.load_sweep(folder).trials == []  # the app / --show read it
+    assert sweeps.fail_trials_of(folder, pid=1) == []  # the job queue closes a dead worker's trials
+    assert opened == ["worker", "reader", "worker"]

@@ -115,8 +115,12 @@ def prepare_sweep_folder(sweep_dir: Path, sweep: SweepConfig) -> None:
 
 
 def _storage(sweep_dir: Path, *, heartbeat: bool = False, reader: bool = False) -> Any:
-    """The study's storage. A ``reader`` (the app, ``--show``) never creates tables: a worker
-    may be creating them at that moment, under the sweep's lock, and two creators collide."""
+    """The study's storage; open it under the sweep's lock (``LOCK_FILE``), readers too. A
+    ``reader`` (the app, ``--show``) creates no tables, but Optuna's storage still stamps the
+    schema's version (alembic) when it finds the tables without one: a worker that has just
+    created them under the lock, and not stamped them yet, then fails on its own stamp
+    (``UNIQUE constraint failed: alembic_version.version_num``; seen when the Sweeps page, or a
+    test, polled a sweep job as it started)."""
     import warnings
 
     import optuna
@@ -246,7 +250,8 @@ def load_sweep(sweep_dir: str | Path) -> SweepView:
         from sqlalchemy.exc import SQLAlchemyError
 
         try:
-            study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(folder, reader=True))
+            with file_lock(folder / LOCK_FILE):  # not while a worker creates the study (see _storage)
+                study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(folder, reader=True))
         except (KeyError, SQLAlchemyError):  # the file exists, the study is not in it yet (being created)
             study = None
         for t in study.get_trials(deepcopy=False) if study is not None else []:
