@@ -101,8 +101,14 @@ def broadcast_flag(ctx: DistContext, flag: bool, device: torch.device) -> bool:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Every rank leaves the process group together: a barrier first (queued behind any
+    collective still in flight on the group, so none is pending when its backend is torn down),
+    then ``destroy_process_group``. Rank 1 used to leave at once while rank 0 still wrote its
+    files, and once (one run in five, both ranks pinned to one core) aborted at exit in gloo
+    ("terminate called without an active exception")."""
     if ctx.enabled:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
